@@ -1,0 +1,146 @@
+"""The one interface the sampler sees: encode a prompt, predict noise at any size, decode, encode.
+
+A backbone wraps a frozen denoiser (a diffusers UNet) plus whatever turns prompts into its
+conditioning and latents into pixels. Everything model-specific lives in a subclass; the cascade in
+``selfcascade.cascade`` never branches on the model family.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning for a batch, positive and (optional) negative, not yet in CFG layout."""
+
+    embeds: torch.Tensor
+    negative: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    negative_mask: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    negative_extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.embeds.shape[0]
+
+
+class Backbone:
+    """Frozen UNet + scheduler + the model-specific pieces around them.
+
+    Subclasses set ``latent_channels``, ``spatial_factor`` (pixels per latent cell) and implement
+    ``encode_prompt``, ``decode`` and ``encode``; SDXL also overrides ``added_cond_kwargs``.
+    """
+
+    latent_channels: int
+    spatial_factor: int
+    #: Model identity written into outputs and upsampler banks (hub id, folder, or name).
+    name: str = "unknown"
+    #: Classifier-free guidance used when the caller gives none (SD's customary 7.5).
+    default_guidance_scale: float = 7.5
+
+    def __init__(self, unet: torch.nn.Module, scheduler: Any) -> None:
+        self.unet = unet
+        self.scheduler = scheduler
+        self.unet.requires_grad_(False)
+        self.unet.eval()
+
+    # ----------------------------------------------------------------------------- properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def size_multiple(self) -> int:
+        """Every side in pixels must divide by this: each UNet downsampling halves the latent."""
+        downsamplings = sum(
+            1 for block in self.unet.down_blocks if getattr(block, "downsamplers", None) is not None
+        )
+        return self.spatial_factor * 2**downsamplings
+
+    @property
+    def base_size(self) -> tuple[int, int]:
+        """The size (pixels, HxW) the UNet was trained at, read from its config."""
+        sample = self.unet.config.sample_size
+        h, w = (sample, sample) if isinstance(sample, int) else sample
+        return h * self.spatial_factor, w * self.spatial_factor
+
+    # ------------------------------------------------------------------------ model specifics
+    def encode_prompt(
+        self, prompt: list[str], negative_prompt: list[str] | None, num_images_per_prompt: int, do_cfg: bool
+    ) -> PromptEmbeds:
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1], shape (B, 3, H, W), float32."""
+        raise NotImplementedError
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> latents (the inverse of ``decode``), used for pixel-space pivots."""
+        raise NotImplementedError
+
+    def added_cond_kwargs(self, embeds: PromptEmbeds, height: int, width: int, do_cfg: bool) -> dict | None:
+        """Extra UNet conditioning that depends on the stage size (SDXL micro-conditioning)."""
+        return None
+
+    def decode_context(self, height: int, width: int, batch_size: int) -> AbstractContextManager:
+        """Memory measures (VAE tiling/slicing) for decoding at this size; none by default."""
+        return nullcontext()
+
+    # ------------------------------------------------------------------------------ denoising
+    def unet_inputs(self, embeds: PromptEmbeds, height: int, width: int, do_cfg: bool) -> dict[str, Any]:
+        """UNet keyword arguments for one stage, in the CFG batch layout [negative, positive]."""
+        hidden, mask = embeds.embeds, embeds.mask
+        if do_cfg:
+            if embeds.negative is None:
+                raise ValueError("classifier-free guidance needs negative embeddings; encode with do_cfg=True.")
+            hidden = torch.cat([embeds.negative, hidden])
+            if mask is not None:
+                mask = torch.cat([embeds.negative_mask, mask])
+        inputs: dict[str, Any] = {"encoder_hidden_states": hidden}
+        if mask is not None:
+            inputs["encoder_attention_mask"] = mask
+        added = self.added_cond_kwargs(embeds, height, width, do_cfg)
+        if added is not None:
+            inputs["added_cond_kwargs"] = added
+        return inputs
+
+    def predict_noise(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        inputs: dict[str, Any],
+        guidance_scale: float,
+        **unet_kwargs: Any,
+    ) -> torch.Tensor:
+        """One guided model evaluation; ``unet_kwargs`` carries e.g. added skip residuals."""
+        do_cfg = guidance_scale > 1.0
+        model_input = torch.cat([latents] * 2) if do_cfg else latents
+        model_input = self.scheduler.scale_model_input(model_input, t)
+        out = self.unet(model_input, t, **inputs, **unet_kwargs, return_dict=False)[0]
+        if do_cfg:
+            uncond, cond = out.chunk(2)
+            out = uncond + guidance_scale * (cond - uncond)
+        return out
+
+    # --------------------------------------------------------------------------------- resize
+    def resize_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Bilinear resize of latents to the stage size given in pixels (the paper's phi)."""
+        size = (height // self.spatial_factor, width // self.spatial_factor)
+        return F.interpolate(latents.float(), size=size, mode="bilinear", align_corners=False).to(latents.dtype)
+
+    def resize_in_pixels(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Decode, resize with an antialiased bicubic filter, encode again: sharper than latent bilinear."""
+        images = self.decode(latents)
+        images = F.interpolate(images, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
+        return self.encode(images.clamp(0, 1))

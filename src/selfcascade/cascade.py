@@ -1,0 +1,149 @@
+"""The self-cascade sampler (paper Algorithm 2): stage 0 from noise, later stages from re-noised pivots.
+
+No I/O, no prompt handling: it takes a backbone, a scale plan and text embeddings and returns the
+latents of every stage. Direct inference is the same function with a one-stage plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from .backbones.base import Backbone, PromptEmbeds
+from .plan import ScalePlan
+
+PivotSpace = Literal["latent", "pixel"]
+#: callback(stage, step_index, timestep, latents) after every denoising step.
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+#: The paper's intermediate step: pivots are diffused to K = 700 of T = 1000.
+DEFAULT_K = 700
+_REQUIRED_SCHEDULER_METHODS = ("set_timesteps", "add_noise", "step", "scale_model_input")
+
+
+@dataclass
+class CascadeResult:
+    """Final latents of every stage, base first."""
+
+    stage_latents: list[torch.Tensor]
+
+
+def check_scheduler(scheduler: object) -> None:
+    """The cascade re-noises mid-schedule, so the scheduler must be able to add noise at a timestep."""
+    missing = [m for m in _REQUIRED_SCHEDULER_METHODS if not callable(getattr(scheduler, m, None))]
+    if missing or not hasattr(scheduler, "config"):
+        raise ValueError(
+            f"scheduler {type(scheduler).__name__} cannot drive the cascade: it lacks {', '.join(missing) or 'config'}. "
+            "Use a diffusers noise scheduler such as DDIMScheduler, DPMSolverMultistepScheduler or EulerDiscreteScheduler."
+        )
+
+
+def resolve_k(num_train_timesteps: int, k: int | None = None, noise_level: float | None = None) -> int:
+    """K from either an integer step or a fraction of the training schedule (``noise_level``)."""
+    if k is not None and noise_level is not None:
+        raise ValueError("give either K or noise_level, not both (noise_level is K / num_train_timesteps).")
+    if noise_level is not None:
+        if not 0.0 < noise_level <= 1.0:
+            raise ValueError(f"noise_level must lie in (0, 1], got {noise_level}.")
+        k = round(noise_level * num_train_timesteps)
+    if k is None:
+        k = round(DEFAULT_K * num_train_timesteps / 1000)
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= num_train_timesteps:
+        raise ValueError(f"K must be an integer in [1, {num_train_timesteps}], got {k!r}.")
+    return k
+
+
+def tail_timesteps(scheduler, num_inference_steps: int, k: int, device: torch.device) -> torch.Tensor:
+    """The scheduler's timesteps that are <= K, with the scheduler positioned at the first of them.
+
+    The pivot is diffused to that first timestep (not to K itself) so that the noise level of the
+    re-noised latent is exactly the one the solver's first step expects.
+    """
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    timesteps = scheduler.timesteps
+    keep = (timesteps <= k).nonzero()
+    if len(keep) == 0:
+        raise ValueError(
+            f"no timestep of the {num_inference_steps}-step schedule is <= K={k} (smallest: {int(timesteps.min())}); "
+            "raise K/noise_level or the number of steps."
+        )
+    begin = int(keep[0])
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(begin)
+    return timesteps[begin:]
+
+
+def renoise(scheduler, pivot: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """Eq. 6: z_K = sqrt(abar_K) * pivot + sqrt(1 - abar_K) * noise, in the scheduler's own convention."""
+    return scheduler.add_noise(pivot, noise, timestep.reshape(1).repeat(pivot.shape[0]))
+
+
+def denoise(
+    backbone: Backbone,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    inputs: dict,
+    guidance_scale: float,
+    generator: list[torch.Generator] | None,
+    stage: int = 0,
+    callback: StepCallback | None = None,
+    progress: bool = True,
+    desc: str | None = None,
+) -> torch.Tensor:
+    """Run the scheduler over ``timesteps`` from ``latents``."""
+    scheduler = backbone.scheduler
+    for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress, leave=False)):
+        noise_pred = backbone.predict_noise(latents, t, inputs, guidance_scale)
+        latents = scheduler.step(noise_pred, t, latents, generator=generator, return_dict=False)[0]
+        if callback is not None:
+            callback(stage, i, t, latents)
+    return latents
+
+
+def _upsample_pivot(backbone: Backbone, latents: torch.Tensor, size: tuple[int, int], space: PivotSpace) -> torch.Tensor:
+    h, w = size
+    if space == "latent":
+        return backbone.resize_latents(latents, h, w)
+    with backbone.decode_context(h, w, latents.shape[0]):
+        return backbone.resize_in_pixels(latents, h, w)
+
+
+@torch.no_grad()
+def sample_cascade(
+    backbone: Backbone,
+    plan: ScalePlan,
+    embeds: PromptEmbeds,
+    generators: Sequence[list[torch.Generator] | None],
+    num_inference_steps: int = 50,
+    k: int = DEFAULT_K,
+    guidance_scales: Sequence[float] = (7.5,),
+    pivot_space: PivotSpace = "latent",
+    callback: StepCallback | None = None,
+    progress: bool = True,
+) -> CascadeResult:
+    """Sample every stage of ``plan``; ``generators[r]`` holds one generator per image for stage r."""
+    scheduler = backbone.scheduler
+    device, dtype = backbone.device, backbone.dtype
+    batch = embeds.batch_size
+    stage_latents: list[torch.Tensor] = []
+    for r, (h, w) in enumerate(plan.stages):
+        guidance = guidance_scales[r]
+        inputs = backbone.unet_inputs(embeds, h, w, do_cfg=guidance > 1.0)
+        shape = (batch, backbone.latent_channels, h // backbone.spatial_factor, w // backbone.spatial_factor)
+        noise = randn_tensor(shape, generator=generators[r], device=device, dtype=dtype)
+        if r == 0:
+            scheduler.set_timesteps(num_inference_steps, device=device)
+            timesteps = scheduler.timesteps
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            pivot = _upsample_pivot(backbone, stage_latents[-1], (h, w), pivot_space)
+            timesteps = tail_timesteps(scheduler, num_inference_steps, k, device)
+            latents = renoise(scheduler, pivot, noise, timesteps[:1])
+        desc = f"stage {r + 1}/{plan.num_stages} {h}x{w}"
+        latents = denoise(backbone, latents, timesteps, inputs, guidance, generators[r], r, callback, progress, desc)
+        stage_latents.append(latents)
+    return CascadeResult(stage_latents)

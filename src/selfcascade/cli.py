@@ -1,0 +1,222 @@
+"""``selfcascade``: one entry point, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .plan import DEFAULT_MAX_RATIO, make_plan
+
+logger = logging.getLogger("selfcascade")
+
+DTYPES = {"auto": None, "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'7' -> [7]; '0-3' -> [0, 1, 2, 3]; '1,5,9' -> [1, 5, 9]."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            if "-" in part.strip()[1:]:
+                lo, hi = part.rsplit("-", 1)
+                seeds.extend(range(int(lo), int(hi) + 1))
+            else:
+                seeds.append(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot read seeds {text!r}: use 7, 0-3 or 1,5,9") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"no seeds in {text!r}")
+    return seeds
+
+
+def parse_guidance(text: str) -> float | list[float]:
+    """'7.5' -> 7.5; '7.5,5,3' -> one value per stage."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot read guidance {text!r}: use 7.5 or 7.5,5,3 (one per stage)") from None
+    return values[0] if len(values) == 1 else values
+
+
+def parse_hw(text: str) -> int | tuple[int, int]:
+    """'512' or '768x512' (HxW)."""
+    try:
+        if "x" in text:
+            h, w = text.lower().split("x")
+            return int(h), int(w)
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot read size {text!r}: use 512 or 768x512 (HxW)") from None
+
+
+def _add_size_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--height", type=int, help="target height in pixels (default: 2x the model's base height)")
+    p.add_argument("--width", type=int, help="target width in pixels (default: 2x the model's base width)")
+    p.add_argument("--size", type=int, help="shorthand for a square target: --height N --width N")
+    p.add_argument("--max-ratio", type=float, default=DEFAULT_MAX_RATIO,
+                   help="largest target/base pixel ratio accepted (guards memory and time)")
+
+
+def _resolve_size(args: argparse.Namespace) -> None:
+    if args.size is not None:
+        if args.height is not None or args.width is not None:
+            raise SystemExit("error: give --size or --height/--width, not both")
+        args.height = args.width = args.size
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="selfcascade",
+        description="Generate images far above a diffusion model's training size with the self-cascade "
+                    "(arXiv 2402.10491): sample at the base size, then re-noise and refine at ~4x the pixels per stage.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate images from a prompt",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g.add_argument("prompt", help="what to draw")
+    _add_size_args(g)
+    g.add_argument("--model", default="embedded",
+                   help="'embedded' (the model shipped with selfcascade), a diffusers folder, or a hub id")
+    g.add_argument("--mode", choices=["tuning-free", "direct"], default="tuning-free",
+                   help="tuning-free: the cascade; direct: one pass at the target size (the baseline)")
+    g.add_argument("--steps", type=int, default=50, help="scheduler steps of a full schedule; later stages run the part <= K")
+    g.add_argument("--guidance", type=parse_guidance, default=None,
+                   help="classifier-free guidance scale, or one per stage (7.5,5,3); default: the model's")
+    g.add_argument("--K", type=int, default=None, help="step the pivot is re-noised to, of T=1000 (default 700)")
+    g.add_argument("--noise-level", type=float, default=None, help="K as a fraction of T, in (0, 1] (instead of --K)")
+    g.add_argument("--pivot-space", choices=["latent", "pixel"], default="latent",
+                   help="upsample the pivot bilinearly in latent space (paper) or decode-resize-encode")
+    g.add_argument("--negative-prompt", default=None, help="what to steer away from")
+    g.add_argument("--seeds", type=parse_seeds, default=[0], help="one image per seed: 7, 0-3 or 1,5,9")
+    g.add_argument("--scheduler", default="ddim", help="'ddim' (paper) or 'pipeline' (keep the model's own)")
+    g.add_argument("--save-stages", action="store_true", help="also write every stage's image (-stageN.png)")
+    g.add_argument("-o", "--output", default="outputs/out.png",
+                   help="PNG path; several seeds write NAME-SEED.png")
+    g.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    g.add_argument("--dtype", choices=list(DTYPES), default="auto", help="auto: fp16 on GPU, fp32 on CPU")
+    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    g.add_argument("--dry-run", action="store_true", help="print the resolved settings and plan, generate nothing")
+
+    p = sub.add_parser("plan", help="print the stage sizes for a target (no model needed with --base)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_size_args(p)
+    p.add_argument("--base", type=parse_hw, default=None,
+                   help="base (training) size: 512 or HxW; default: read from --model")
+    p.add_argument("--multiple", type=int, default=None,
+                   help="every side divides by this (SD: 64 = VAE 8 x 2^3 downsamplings); default: read from --model, else 64")
+    p.add_argument("--model", default=None, help="read base size and multiple from this model instead")
+
+    for register in _plugin_registrars():
+        register(sub)
+    return parser
+
+
+def _plugin_registrars() -> list:
+    """Subcommands that live beside the modules they drive (data set, training)."""
+    registrars = []
+    for module, attr in (("selfcascade.data.emoji", "register_cli"), ("selfcascade.train_base", "register_cli")):
+        try:
+            mod = __import__(module, fromlist=[attr])
+        except ImportError as exc:
+            logger.debug("subcommands of %s unavailable: %s", module, exc)
+            continue
+        registrars.append(getattr(mod, attr))
+    return registrars
+
+
+def _output_paths(output: str, seeds: Sequence[int]) -> list[Path]:
+    out = Path(output)
+    if out.suffix.lower() != ".png":
+        raise SystemExit(f"error: --output must end in .png, got {output}")
+    if len(seeds) == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{s}{out.suffix}") for s in seeds]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .io import save_png
+    from .pipeline import SelfCascadePipeline, default_device
+
+    _resolve_size(args)
+    device = torch.device(args.device) if args.device else default_device()
+    dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
+    cascade = SelfCascadePipeline.from_pretrained(args.model, device=device, torch_dtype=dtype, scheduler=args.scheduler)
+    cascade.max_ratio = args.max_ratio
+    bb = cascade.backbone
+    height = args.height or bb.base_size[0] * 2
+    width = args.width or bb.base_size[1] * 2
+    guidance = args.guidance if args.guidance is not None else bb.default_guidance_scale
+    plan = cascade.plan(height, width, args.mode)
+    paths = _output_paths(args.output, args.seeds)
+    if args.dry_run:
+        print(json.dumps({
+            "model": bb.name, "device": str(bb.device), "dtype": str(bb.dtype).replace("torch.", ""),
+            "mode": args.mode, "height": height, "width": width, "steps": args.steps, "guidance": guidance,
+            "K": args.K, "noise_level": args.noise_level, "pivot_space": args.pivot_space,
+            "scheduler": type(bb.scheduler).__name__, "seeds": args.seeds, "outputs": [str(p) for p in paths],
+        }, indent=2))
+        print(plan)
+        return 0
+    logger.info("%s", plan)
+    result = cascade(
+        args.prompt, height, width, mode=args.mode, negative_prompt=args.negative_prompt,
+        num_images_per_prompt=len(args.seeds), num_inference_steps=args.steps, guidance_scale=guidance,
+        K=args.K, noise_level=args.noise_level, pivot_space=args.pivot_space, seed=args.seeds,
+        return_stages=args.save_stages, progress=not args.no_progress,
+    )
+    for i, (seed, path) in enumerate(zip(result.seeds, paths)):
+        save_png(result.images[i], path, result.settings, seed)
+        print(path)
+        for r, stage_images in enumerate(result.stages[:-1]):
+            stage_path = path.with_name(f"{path.stem}-stage{r}{path.suffix}")
+            save_png(stage_images[i], stage_path, result.settings, seed)
+            print(stage_path)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    _resolve_size(args)
+    if args.height is None or args.width is None:
+        raise SystemExit("error: give --height and --width (or --size)")
+    if args.model is not None:
+        from .pipeline import SelfCascadePipeline
+
+        cascade = SelfCascadePipeline.from_pretrained(args.model)
+        cascade.max_ratio = args.max_ratio
+        print(cascade.plan(args.height, args.width))
+        return 0
+    if args.base is None:
+        raise SystemExit("error: give --base (e.g. --base 512) or --model")
+    print(make_plan(args.base, args.height, args.width, multiple=args.multiple or 64, max_ratio=args.max_ratio))
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "plan": cmd_plan}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    handler = COMMANDS.get(args.command) or getattr(args, "func", None)
+    if handler is None:
+        parser.error(f"unknown command {args.command}")
+    try:
+        return handler(args) or 0
+    except (ValueError, FileNotFoundError) as exc:
+        # Bad input: say what and how to fix it, without a traceback.
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

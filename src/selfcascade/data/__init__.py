@@ -1,0 +1,1 @@
+"""The embedded emoji data set: builder (``emoji``) and training data set (``loader``)."""

@@ -1,0 +1,264 @@
+"""The user-facing entry point: wrap a model, call it with a prompt and a size.
+
+    pipe = StableDiffusionPipeline.from_pretrained("stabilityai/stable-diffusion-2-1-base")
+    cascade = SelfCascadePipeline.from_pipe(pipe)
+    image = cascade("a photo of a corgi", height=2048, width=2048, seed=0).images[0]
+
+Every mode (direct, tuning-free) is a configuration of the same run through ``sample_cascade``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .backbones import Backbone, backbone_from_pipe
+from .cascade import PivotSpace, StepCallback, check_scheduler, resolve_k, sample_cascade
+from .plan import DEFAULT_MAX_RATIO, ScalePlan, make_plan
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["tuning-free", "direct"]
+MODES: tuple[str, ...] = ("tuning-free", "direct")
+OutputType = Literal["pil", "np", "pt", "latent"]
+#: Name under which the model the project trains and ships is loaded.
+EMBEDDED_NAME = "embedded"
+
+
+def default_device() -> torch.device:
+    """CUDA, then Apple MPS, then CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on accelerators; fp32 on CPU, where half precision is slower, not faster."""
+    return torch.float32 if device.type == "cpu" else torch.float16
+
+
+def stage_seed(seed: int, stage: int) -> int:
+    """Each stage draws from its own stream so changing the plan's tail never shifts earlier stages."""
+    return seed + (stage << 32)
+
+
+@dataclass
+class CascadeOutput:
+    """Images of the last stage, optionally every stage, and what is needed to regenerate them."""
+
+    images: Any
+    plan: ScalePlan
+    seeds: list[int]
+    settings: dict[str, Any]
+    stages: list[Any] = field(default_factory=list)
+
+
+def _to_output(images: torch.Tensor, output_type: OutputType) -> Any:
+    if output_type == "pt":
+        return images.cpu()
+    array = images.permute(0, 2, 3, 1).float().cpu().numpy()
+    if output_type == "np":
+        return array
+    return [Image.fromarray(np.round(a * 255).astype(np.uint8)) for a in array]
+
+
+class SelfCascadePipeline:
+    """Self-cascade sampling (arXiv 2402.10491) over a frozen pretrained diffusion model."""
+
+    def __init__(self, backbone: Backbone, max_ratio: float = DEFAULT_MAX_RATIO) -> None:
+        check_scheduler(backbone.scheduler)
+        self.backbone = backbone
+        self.max_ratio = max_ratio
+
+    # ---------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pipe(cls, pipe: Any, scheduler: str | Any = "ddim", **kwargs: Any) -> "SelfCascadePipeline":
+        """Wrap a loaded diffusers pipeline without changing it.
+
+        ``scheduler``: "ddim" (the paper's sampler, built from the pipeline's scheduler config),
+        "pipeline" (keep the pipeline's own), or a diffusers scheduler instance.
+        """
+        backbone = backbone_from_pipe(pipe, **kwargs)
+        backbone.scheduler = _make_scheduler(scheduler, pipe.scheduler)
+        return cls(backbone)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike = EMBEDDED_NAME,
+        device: str | torch.device | None = None,
+        torch_dtype: torch.dtype | None = None,
+        scheduler: str | Any = "ddim",
+        **kwargs: Any,
+    ) -> "SelfCascadePipeline":
+        """Load a hub id, a local diffusers folder, or the embedded model ("embedded").
+
+        Hub ids go through diffusers' own ``DiffusionPipeline.from_pretrained`` (and its cache).
+        """
+        device = torch.device(device) if device is not None else default_device()
+        torch_dtype = torch_dtype or default_dtype(device)
+        path = Path(name_or_path)
+        if str(name_or_path) == EMBEDDED_NAME or (path / "selfcascade_model.json").is_file():
+            from .backbones.embedded import EmbeddedBackbone
+
+            backbone = EmbeddedBackbone.from_folder(None if str(name_or_path) == EMBEDDED_NAME else path)
+            backbone.scheduler = _make_scheduler(scheduler, backbone.scheduler)
+            backbone.to(device, torch_dtype)
+            return cls(backbone)
+        if path.exists() and not (path / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"{path} has no model_index.json: point at a folder written by a diffusers pipeline's "
+                "save_pretrained (or a hub id, or 'embedded')."
+            )
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(str(name_or_path), torch_dtype=torch_dtype, **kwargs)
+        pipe.to(device)
+        return cls.from_pipe(pipe, scheduler=scheduler)
+
+    # ------------------------------------------------------------------------------ helpers
+    def plan(self, height: int, width: int, mode: Mode = "tuning-free") -> ScalePlan:
+        """The stage sizes a call with this target would use."""
+        return make_plan(
+            self.backbone.base_size, height, width, multiple=self.backbone.size_multiple,
+            max_ratio=self.max_ratio, single_stage=mode == "direct",
+        )
+
+    def check_inputs(
+        self, prompt: Any, negative_prompt: Any, mode: str, num_inference_steps: int, num_images_per_prompt: int,
+        pivot_space: str, output_type: str,
+    ) -> list[str]:
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) for p in prompt):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}.")
+        if negative_prompt is not None and not isinstance(negative_prompt, str) and len(negative_prompt) != len(prompt):
+            raise ValueError(f"got {len(negative_prompt)} negative prompts for {len(prompt)} prompts; give one each or one string.")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}.")
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}.")
+        if pivot_space not in ("latent", "pixel"):
+            raise ValueError(f"pivot_space must be 'latent' or 'pixel', got {pivot_space!r}.")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be one of pil, np, pt, latent, got {output_type!r}.")
+        return prompt
+
+    @staticmethod
+    def _seeds(seed: int | Sequence[int] | None, count: int) -> list[int]:
+        if seed is None:
+            return [int(s) for s in torch.randint(0, 2**31 - 1, (count,))]
+        if isinstance(seed, int):
+            return [seed + i for i in range(count)]
+        seeds = [int(s) for s in seed]
+        if len(seeds) != count:
+            raise ValueError(f"got {len(seeds)} seeds for {count} images; give one per image or a single int.")
+        return seeds
+
+    @staticmethod
+    def _guidance(guidance_scale: float | Sequence[float], stages: int) -> list[float]:
+        if isinstance(guidance_scale, (int, float)):
+            return [float(guidance_scale)] * stages
+        scales = [float(g) for g in guidance_scale]
+        if len(scales) != stages:
+            raise ValueError(f"got {len(scales)} guidance scales for a {stages}-stage plan; give one per stage or one number.")
+        return scales
+
+    # -------------------------------------------------------------------------------- call
+    def __call__(
+        self,
+        prompt: str | list[str],
+        height: int | None = None,
+        width: int | None = None,
+        *,
+        mode: Mode = "tuning-free",
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        num_inference_steps: int = 50,
+        guidance_scale: float | Sequence[float] = 7.5,
+        K: int | None = None,
+        noise_level: float | None = None,
+        pivot_space: PivotSpace = "latent",
+        seed: int | Sequence[int] | None = None,
+        return_stages: bool = False,
+        output_type: OutputType = "pil",
+        callback: StepCallback | None = None,
+        progress: bool = True,
+    ) -> CascadeOutput:
+        """Generate ``height x width`` images (default: 2x the base size per side, 4x pixels).
+
+        K (or ``noise_level`` = K/T) is how far each pivot is diffused back before it is denoised at
+        the next size: higher keeps less of the pivot and invents more detail (paper: K=700 of 1000).
+        ``guidance_scale`` may be a list with one value per stage. ``seed`` gives image i the seed
+        ``seed + i`` (or pass one seed per image), so any image can be regenerated alone.
+        """
+        bb = self.backbone
+        # 1. check inputs and resolve defaults
+        prompts = self.check_inputs(prompt, negative_prompt, mode, num_inference_steps, num_images_per_prompt,
+                                    pivot_space, output_type)
+        base_h, base_w = bb.base_size
+        height = height or base_h * 2
+        width = width or base_w * 2
+        plan = self.plan(height, width, mode)
+        k = resolve_k(bb.scheduler.config.num_train_timesteps, K, noise_level)
+        guidance = self._guidance(guidance_scale, plan.num_stages)
+        batch = len(prompts) * num_images_per_prompt
+        seeds = self._seeds(seed, batch)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+
+        # 2. encode the prompt once for all stages
+        do_cfg = any(g > 1.0 for g in guidance)
+        embeds = bb.encode_prompt(prompts, negatives, num_images_per_prompt, do_cfg)
+
+        # 3. one generator per image per stage
+        gen_device = "cpu" if bb.device.type == "mps" else bb.device
+        generators = [
+            [torch.Generator(gen_device).manual_seed(stage_seed(s, r)) for s in seeds] for r in range(plan.num_stages)
+        ]
+
+        # 4. sample every stage
+        result = sample_cascade(
+            bb, plan, embeds, generators, num_inference_steps=num_inference_steps, k=k,
+            guidance_scales=guidance, pivot_space=pivot_space, callback=callback, progress=progress,
+        )
+
+        # 5. decode
+        wanted = result.stage_latents if return_stages else result.stage_latents[-1:]
+        decoded = []
+        for (h, w), latents in zip(plan.stages[-len(wanted):], wanted):
+            if output_type == "latent":
+                decoded.append(latents)
+                continue
+            with torch.no_grad(), bb.decode_context(h, w, batch):
+                decoded.append(_to_output(bb.decode(latents), output_type))
+        settings = {
+            "model": bb.name, "mode": mode, "height": height, "width": width, "steps": num_inference_steps,
+            "guidance_scale": guidance, "K": k, "pivot_space": pivot_space,
+            "scheduler": type(bb.scheduler).__name__, "stages": [list(s) for s in plan.stages],
+            "prompt": prompts, "negative_prompt": negatives,
+        }
+        return CascadeOutput(images=decoded[-1], plan=plan, seeds=seeds, settings=settings,
+                             stages=decoded if return_stages else [])
+
+
+def _make_scheduler(choice: str | Any, current: Any) -> Any:
+    if isinstance(choice, str):
+        if choice == "pipeline":
+            return current
+        if choice == "ddim":
+            from diffusers import DDIMScheduler
+
+            return DDIMScheduler.from_config(current.config)
+        raise ValueError(f"scheduler must be 'ddim', 'pipeline' or a diffusers scheduler instance, got {choice!r}.")
+    return choice

@@ -1,0 +1,49 @@
+"""Shared pytest fixtures: tiny random-weight diffusers pipelines (see tiny_pipes.py).
+
+Session-scoped fixtures are shared by every test: do not mutate them (no new scheduler, no
+hooks left behind, no weight changes, no ``.to(dtype)``). A test that needs to change a pipeline
+takes a ``*_fresh`` fixture (built anew for that test; building costs ~0.1 s) or builds one with
+``tiny_pipes.make_tiny_sd(...)``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tiny_pipes import make_tiny_sd, make_tiny_sdxl, save_tiny_sd
+
+
+@pytest.fixture(scope="session")
+def tiny_sd():
+    """Shared tiny SD 1.x/2.x pipeline (epsilon, seed 0, native 32x32 px). Read-only."""
+    return make_tiny_sd(prediction_type="epsilon", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v():
+    """Shared tiny SD 2.x-style v-prediction pipeline (seed 0, native 32x32 px). Read-only."""
+    return make_tiny_sd(prediction_type="v_prediction", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl():
+    """Shared tiny SDXL pipeline (seed 0, native 32x32 px). Read-only."""
+    return make_tiny_sdxl(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """Path of a saved tiny SD pipeline folder (same weights as ``tiny_sd``), for CLI/from_pretrained tests."""
+    return save_tiny_sd(tmp_path_factory.mktemp("tiny_sd") / "pipe", prediction_type="epsilon", seed=0)
+
+
+@pytest.fixture
+def tiny_sd_fresh():
+    """A new tiny SD pipeline (epsilon, seed 0) owned by this test: mutate freely."""
+    return make_tiny_sd(prediction_type="epsilon", seed=0)
+
+
+@pytest.fixture
+def tiny_sdxl_fresh():
+    """A new tiny SDXL pipeline (seed 0) owned by this test: mutate freely."""
+    return make_tiny_sdxl(seed=0)

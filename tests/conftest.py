@@ -1,16 +1,16 @@
-"""Shared pytest fixtures: tiny random-weight diffusers pipelines (see tiny_pipes.py).
+"""Shared pytest fixtures: tiny random-weight diffusers pipelines (see selfcascade.testing).
 
 Session-scoped fixtures are shared by every test: do not mutate them (no new scheduler, no
 hooks left behind, no weight changes, no ``.to(dtype)``). A test that needs to change a pipeline
 takes a ``*_fresh`` fixture (built anew for that test; building costs ~0.1 s) or builds one with
-``tiny_pipes.make_tiny_sd(...)``.
+``selfcascade.testing.make_tiny_sd(...)``.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from tiny_pipes import make_tiny_sd, make_tiny_sdxl, save_tiny_sd
+from selfcascade.testing import make_tiny_sd, make_tiny_sdxl, save_tiny_sd
 
 
 @pytest.fixture(scope="session")

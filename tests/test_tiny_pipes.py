@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from tiny_pipes import BASE_PX, SIZE_MULTIPLE, TINY_VOCAB_SIZE, make_tiny_sd, make_tiny_sdxl, make_tiny_tokenizer
+from selfcascade.testing import BASE_PX, SIZE_MULTIPLE, TINY_VOCAB_SIZE, make_tiny_sd, make_tiny_sdxl, make_tiny_tokenizer
 
 PROMPT = "a red apple"
 

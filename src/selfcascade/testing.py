@@ -1,4 +1,4 @@
-"""Tiny random-weight diffusers pipelines, built entirely offline.
+"""Tiny random-weight diffusers pipelines, built entirely offline, for tests, benchmarks and demos.
 
 These mirror the dummy components of diffusers' own fast tests
 (``tests/pipelines/stable_diffusion*/test_*.py::get_dummy_components``) but need no

@@ -1,0 +1,80 @@
+"""The embedded default: a small pixel-space text-to-image UNet the project trains and ships.
+
+Its folder holds ``unet/`` and ``scheduler/`` (diffusers ``save_pretrained`` layout) and
+``selfcascade_model.json`` naming the text encoder. Pixels are the latents (spatial factor 1), so
+decode and encode are just the [-1, 1] <-> [0, 1] maps.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .base import Backbone, PromptEmbeds
+
+#: Where the shipped weights live inside the installed package.
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "embedded_model"
+CONFIG_NAME = "selfcascade_model.json"
+
+
+class EmbeddedBackbone(Backbone):
+    """Pixel-space UNet2DConditionModel conditioned on MiniLM token embeddings."""
+
+    spatial_factor = 1
+
+    def __init__(self, unet: torch.nn.Module, scheduler, text_encoder, name: str = "embedded",
+                 default_guidance_scale: float | None = None) -> None:
+        super().__init__(unet, scheduler)
+        self.text_encoder = text_encoder
+        self.latent_channels = unet.config.in_channels
+        self.name = name
+        if default_guidance_scale is not None:
+            self.default_guidance_scale = default_guidance_scale
+
+    @classmethod
+    def from_folder(cls, path: str | Path | None = None) -> "EmbeddedBackbone":
+        """Load a folder written by ``selfcascade train-base --export`` (default: the shipped model)."""
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+
+        from ..text_encoder import TextEncoder
+
+        folder = Path(path) if path is not None else SHIPPED_DIR
+        config_file = folder / CONFIG_NAME
+        if not config_file.is_file():
+            hint = ("the shipped model is missing from this install; reinstall selfcascade or train one with "
+                    "`selfcascade train-base --export DIR`") if path is None else "export one with `selfcascade train-base --export DIR`"
+            raise FileNotFoundError(f"{config_file} not found: {hint}.")
+        config = json.loads(config_file.read_text())
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
+        scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+        encoder = TextEncoder(max_length=int(config.get("max_length", 32)))
+        name = "embedded" if path is None else str(folder)
+        return cls(unet, scheduler, encoder, name=name, default_guidance_scale=config.get("guidance_scale"))
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "EmbeddedBackbone":
+        self.unet.to(device=device, dtype=dtype)
+        self.text_encoder.model.to(device)
+        self.text_encoder.device = torch.device(device)
+        return self
+
+    def encode_prompt(
+        self, prompt: list[str], negative_prompt: list[str] | None, num_images_per_prompt: int, do_cfg: bool
+    ) -> PromptEmbeds:
+        def encode(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            hidden, mask = self.text_encoder.encode(texts)
+            return (hidden.to(self.device, self.dtype).repeat_interleave(num_images_per_prompt, 0),
+                    mask.to(self.device).repeat_interleave(num_images_per_prompt, 0))
+
+        embeds, mask = encode(prompt)
+        if not do_cfg:
+            return PromptEmbeds(embeds=embeds, mask=mask)
+        negative, negative_mask = encode(negative_prompt or [""] * len(prompt))
+        return PromptEmbeds(embeds=embeds, negative=negative, mask=mask, negative_mask=negative_mask)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return (latents.float() / 2 + 0.5).clamp(0, 1)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return (images * 2 - 1).to(self.device, self.dtype)

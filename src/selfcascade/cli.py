@@ -61,6 +61,24 @@ def _add_size_args(p: argparse.ArgumentParser) -> None:
                    help="largest target/base pixel ratio accepted (guards memory and time)")
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="embedded",
+                   help="'embedded' (the model shipped with selfcascade), a diffusers folder, or a hub id")
+    p.add_argument("--scheduler", default="ddim", help="'ddim' (paper) or 'pipeline' (keep the model's own)")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="auto", help="auto: fp16 on GPU, fp32 on CPU")
+
+
+def _load(args: argparse.Namespace):
+    import torch
+
+    from .pipeline import SelfCascadePipeline, default_device
+
+    device = torch.device(args.device) if args.device else default_device()
+    dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
+    return SelfCascadePipeline.from_pretrained(args.model, device=device, dtype=dtype, scheduler=args.scheduler)
+
+
 def _resolve_size(args: argparse.Namespace) -> None:
     if args.size is not None:
         if args.height is not None or args.width is not None:
@@ -82,8 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g.add_argument("prompt", help="what to draw")
     _add_size_args(g)
-    g.add_argument("--model", default="embedded",
-                   help="'embedded' (the model shipped with selfcascade), a diffusers folder, or a hub id")
+    _add_model_args(g)
     g.add_argument("--mode", choices=["tuning-free", "direct"], default="tuning-free",
                    help="tuning-free: the cascade; direct: one pass at the target size (the baseline)")
     g.add_argument("--steps", type=int, default=50, help="scheduler steps of a full schedule; later stages run the part <= K")
@@ -95,12 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="upsample the pivot bilinearly in latent space (paper) or decode-resize-encode")
     g.add_argument("--negative-prompt", default=None, help="what to steer away from")
     g.add_argument("--seeds", type=parse_seeds, default=[0], help="one image per seed: 7, 0-3 or 1,5,9")
-    g.add_argument("--scheduler", default="ddim", help="'ddim' (paper) or 'pipeline' (keep the model's own)")
     g.add_argument("--save-stages", action="store_true", help="also write every stage's image (-stageN.png)")
     g.add_argument("-o", "--output", default="outputs/out.png",
                    help="PNG path; several seeds write NAME-SEED.png")
-    g.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    g.add_argument("--dtype", choices=list(DTYPES), default="auto", help="auto: fp16 on GPU, fp32 on CPU")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
     g.add_argument("--dry-run", action="store_true", help="print the resolved settings and plan, generate nothing")
 
@@ -112,6 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multiple", type=int, default=None,
                    help="every side divides by this (SD: 64 = VAE 8 x 2^3 downsamplings); default: read from --model, else 64")
     p.add_argument("--model", default=None, help="read base size and multiple from this model instead")
+
+    c = sub.add_parser("compare", help="one grid: modes (rows) x square sizes (columns), same prompt and seed",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("prompt", help="what to draw")
+    _add_model_args(c)
+    c.add_argument("--sizes", type=int, nargs="+", default=None,
+                   help="square target sides in pixels (default: 2x, 4x and 8x the base side)")
+    c.add_argument("--modes", nargs="+", choices=["direct", "tuning-free"], default=["direct", "tuning-free"])
+    c.add_argument("--steps", type=int, default=50, help="scheduler steps of a full schedule")
+    c.add_argument("--guidance", type=parse_guidance, default=None, help="guidance scale (default: the model's)")
+    c.add_argument("--seed", type=int, default=0, help="the same seed for every cell")
+    c.add_argument("--max-ratio", type=float, default=DEFAULT_MAX_RATIO, help="largest target/base pixel ratio")
+    c.add_argument("--cell", type=int, default=None, help="cell side in the grid (default: the largest size)")
+    c.add_argument("-o", "--output", default="outputs/compare.png", help="PNG path of the grid")
 
     for register in _plugin_registrars():
         register(sub)
@@ -141,15 +169,10 @@ def _output_paths(output: str, seeds: Sequence[int]) -> list[Path]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
     from .io import save_png
-    from .pipeline import SelfCascadePipeline, default_device
 
     _resolve_size(args)
-    device = torch.device(args.device) if args.device else default_device()
-    dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
-    cascade = SelfCascadePipeline.from_pretrained(args.model, device=device, torch_dtype=dtype, scheduler=args.scheduler)
+    cascade = _load(args)
     cascade.max_ratio = args.max_ratio
     bb = cascade.backbone
     height = args.height or bb.base_size[0] * 2
@@ -200,7 +223,31 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "plan": cmd_plan}
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .grid import make_grid
+    from .io import save_png
+
+    cascade = _load(args)
+    cascade.max_ratio = args.max_ratio
+    bb = cascade.backbone
+    base = bb.base_size[0]
+    sizes = args.sizes or [base * 2, base * 4, base * 8]
+    guidance = args.guidance if args.guidance is not None else bb.default_guidance_scale
+    cells = []
+    for mode in args.modes:
+        row = []
+        for size in sizes:
+            logger.info("%s at %dx%d", mode, size, size)
+            out = cascade(args.prompt, size, size, mode=mode, num_inference_steps=args.steps,
+                          guidance_scale=guidance, seed=args.seed)
+            row.append(out.images[0])
+        cells.append(row)
+    grid = make_grid(cells, args.modes, [f"{s}x{s}" for s in sizes], cell=args.cell)
+    print(save_png(grid, args.output))
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "plan": cmd_plan, "compare": cmd_compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

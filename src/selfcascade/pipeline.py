@@ -96,7 +96,7 @@ class SelfCascadePipeline:
         cls,
         name_or_path: str | os.PathLike = EMBEDDED_NAME,
         device: str | torch.device | None = None,
-        torch_dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None,
         scheduler: str | Any = "ddim",
         **kwargs: Any,
     ) -> "SelfCascadePipeline":
@@ -105,14 +105,14 @@ class SelfCascadePipeline:
         Hub ids go through diffusers' own ``DiffusionPipeline.from_pretrained`` (and its cache).
         """
         device = torch.device(device) if device is not None else default_device()
-        torch_dtype = torch_dtype or default_dtype(device)
+        dtype = dtype or default_dtype(device)
         path = Path(name_or_path)
         if str(name_or_path) == EMBEDDED_NAME or (path / "selfcascade_model.json").is_file():
             from .backbones.embedded import EmbeddedBackbone
 
             backbone = EmbeddedBackbone.from_folder(None if str(name_or_path) == EMBEDDED_NAME else path)
             backbone.scheduler = _make_scheduler(scheduler, backbone.scheduler)
-            backbone.to(device, torch_dtype)
+            backbone.to(device, dtype)
             return cls(backbone)
         if path.exists() and not (path / "model_index.json").is_file():
             raise FileNotFoundError(
@@ -121,7 +121,7 @@ class SelfCascadePipeline:
             )
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(str(name_or_path), torch_dtype=torch_dtype, **kwargs)
+        pipe = DiffusionPipeline.from_pretrained(str(name_or_path), dtype=dtype, **kwargs)
         pipe.to(device)
         return cls.from_pipe(pipe, scheduler=scheduler)
 

@@ -6,8 +6,10 @@ latents of every stage. Direct inference is the same function with a one-stage p
 
 from __future__ import annotations
 
+import inspect
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Callable, ContextManager, Literal, Sequence
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -19,10 +21,19 @@ from .plan import ScalePlan
 PivotSpace = Literal["latent", "pixel"]
 #: callback(stage, step_index, timestep, latents) after every denoising step.
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+#: stage_context(stage, prev_latents, unet_inputs_at_prev_size, guidance) -> a context manager around
+#: the denoising of stage r >= 1 (the tuned cascade attaches its feature upsamplers through it).
+StageContext = Callable[[int, torch.Tensor, dict, float], ContextManager]
 
 #: The paper's intermediate step: pivots are diffused to K = 700 of T = 1000.
 DEFAULT_K = 700
 _REQUIRED_SCHEDULER_METHODS = ("set_timesteps", "add_noise", "step", "scale_model_input")
+#: Schedulers whose step() keeps a warm-up counter that set_begin_index does not move.
+_CANNOT_START_MID_SCHEDULE = frozenset({"PNDMScheduler"})
+_SCHEDULER_HINT = (
+    "Use a diffusers noise scheduler such as DDIMScheduler (--scheduler ddim, the default), "
+    "DPMSolverMultistepScheduler or EulerDiscreteScheduler."
+)
 
 
 @dataclass
@@ -34,11 +45,16 @@ class CascadeResult:
 
 def check_scheduler(scheduler: object) -> None:
     """The cascade re-noises mid-schedule, so the scheduler must be able to add noise at a timestep."""
+    name = type(scheduler).__name__
     missing = [m for m in _REQUIRED_SCHEDULER_METHODS if not callable(getattr(scheduler, m, None))]
     if missing or not hasattr(scheduler, "config"):
         raise ValueError(
-            f"scheduler {type(scheduler).__name__} cannot drive the cascade: it lacks {', '.join(missing) or 'config'}. "
-            "Use a diffusers noise scheduler such as DDIMScheduler, DPMSolverMultistepScheduler or EulerDiscreteScheduler."
+            f"scheduler {name} cannot drive the cascade: it lacks {', '.join(missing) or 'config'}. {_SCHEDULER_HINT}"
+        )
+    if name in _CANNOT_START_MID_SCHEDULE:
+        raise ValueError(
+            f"scheduler {name} cannot start part-way through its schedule (its multistep warm-up always begins "
+            f"at the first timestep), which every stage after the first needs. {_SCHEDULER_HINT}"
         )
 
 
@@ -96,9 +112,11 @@ def denoise(
 ) -> torch.Tensor:
     """Run the scheduler over ``timesteps`` from ``latents``."""
     scheduler = backbone.scheduler
+    # Deterministic solvers (UniPC, DEIS, Heun, LMS...) take no generator; stochastic ones need it for seeds.
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress, leave=False)):
         noise_pred = backbone.predict_noise(latents, t, inputs, guidance_scale)
-        latents = scheduler.step(noise_pred, t, latents, generator=generator, return_dict=False)[0]
+        latents = scheduler.step(noise_pred, t, latents, return_dict=False, **step_kwargs)[0]
         if callback is not None:
             callback(stage, i, t, latents)
     return latents
@@ -124,8 +142,13 @@ def sample_cascade(
     pivot_space: PivotSpace = "latent",
     callback: StepCallback | None = None,
     progress: bool = True,
+    stage_context: StageContext | None = None,
 ) -> CascadeResult:
-    """Sample every stage of ``plan``; ``generators[r]`` holds one generator per image for stage r."""
+    """Sample every stage of ``plan``; ``generators[r]`` holds one generator per image for stage r.
+
+    ``stage_context`` wraps each stage r >= 1; it gets the previous stage's final latents and the UNet
+    inputs at the previous size (same prompt and CFG layout as stage r), e.g. for a pivot feature pass.
+    """
     scheduler = backbone.scheduler
     device, dtype = backbone.device, backbone.dtype
     batch = embeds.batch_size
@@ -144,6 +167,11 @@ def sample_cascade(
             timesteps = tail_timesteps(scheduler, num_inference_steps, k, device)
             latents = renoise(scheduler, pivot, noise, timesteps[:1])
         desc = f"stage {r + 1}/{plan.num_stages} {h}x{w}"
-        latents = denoise(backbone, latents, timesteps, inputs, guidance, generators[r], r, callback, progress, desc)
+        context = nullcontext()
+        if r > 0 and stage_context is not None:
+            prev_inputs = backbone.unet_inputs(embeds, *plan.stages[r - 1], do_cfg=guidance > 1.0)
+            context = stage_context(r, stage_latents[-1], prev_inputs, guidance)
+        with context:
+            latents = denoise(backbone, latents, timesteps, inputs, guidance, generators[r], r, callback, progress, desc)
         stage_latents.append(latents)
     return CascadeResult(stage_latents)

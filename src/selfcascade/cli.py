@@ -101,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", help="what to draw")
     _add_size_args(g)
     _add_model_args(g)
-    g.add_argument("--mode", choices=["tuning-free", "direct"], default="tuning-free",
-                   help="tuning-free: the cascade; direct: one pass at the target size (the baseline)")
+    g.add_argument("--mode", choices=["tuning-free", "direct", "tuned"], default="tuning-free",
+                   help="tuning-free: the cascade; tuned: the cascade with --upsamplers; direct: one pass at the target size (the baseline)")
+    g.add_argument("--upsamplers", default=None,
+                   help="feature-upsampler bank for --mode tuned: a folder or hub id (see `selfcascade train-upsamplers`)")
     g.add_argument("--steps", type=int, default=50, help="scheduler steps of a full schedule; later stages run the part <= K")
     g.add_argument("--guidance", type=parse_guidance, default=None,
                    help="classifier-free guidance scale, or one per stage (7.5,5,3); default: the model's")
@@ -133,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(c)
     c.add_argument("--sizes", type=int, nargs="+", default=None,
                    help="square target sides in pixels (default: 2x, 4x and 8x the base side)")
-    c.add_argument("--modes", nargs="+", choices=["direct", "tuning-free"], default=["direct", "tuning-free"])
+    c.add_argument("--modes", nargs="+", choices=["direct", "tuning-free", "tuned"], default=["direct", "tuning-free"])
+    c.add_argument("--upsamplers", default=None, help="feature-upsampler bank (folder or hub id) for the tuned row")
     c.add_argument("--steps", type=int, default=50, help="scheduler steps of a full schedule")
     c.add_argument("--guidance", type=parse_guidance, default=None, help="guidance scale (default: the model's)")
     c.add_argument("--seed", type=int, default=0, help="the same seed for every cell")
@@ -149,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _plugin_registrars() -> list:
     """Subcommands that live beside the modules they drive (data set, training)."""
     registrars = []
-    for module, attr in (("selfcascade.data.emoji", "register_cli"), ("selfcascade.train_base", "register_cli")):
+    for module, attr in (("selfcascade.data.emoji", "register_cli"), ("selfcascade.train_base", "register_cli"),
+                         ("selfcascade.train_upsamplers", "register_cli")):
         try:
             mod = __import__(module, fromlist=[attr])
         except ImportError as exc:
@@ -162,7 +166,7 @@ def _plugin_registrars() -> list:
 def _output_paths(output: str, seeds: Sequence[int]) -> list[Path]:
     out = Path(output)
     if out.suffix.lower() != ".png":
-        raise SystemExit(f"error: --output must end in .png, got {output}")
+        raise ValueError(f"--output must end in .png, got {output}")
     if len(seeds) == 1:
         return [out]
     return [out.with_name(f"{out.stem}-{s}{out.suffix}") for s in seeds]
@@ -172,20 +176,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .io import save_png
 
     _resolve_size(args)
+    paths = _output_paths(args.output, args.seeds)  # before loading a model, so a typo costs nothing
+    if args.no_progress:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
     cascade = _load(args)
     cascade.max_ratio = args.max_ratio
     bb = cascade.backbone
-    height = args.height or bb.base_size[0] * 2
-    width = args.width or bb.base_size[1] * 2
+    height = bb.base_size[0] * 2 if args.height is None else args.height
+    width = bb.base_size[1] * 2 if args.width is None else args.width
     guidance = args.guidance if args.guidance is not None else bb.default_guidance_scale
     plan = cascade.plan(height, width, args.mode)
-    paths = _output_paths(args.output, args.seeds)
     if args.dry_run:
         print(json.dumps({
             "model": bb.name, "device": str(bb.device), "dtype": str(bb.dtype).replace("torch.", ""),
             "mode": args.mode, "height": height, "width": width, "steps": args.steps, "guidance": guidance,
             "K": args.K, "noise_level": args.noise_level, "pivot_space": args.pivot_space,
             "scheduler": type(bb.scheduler).__name__, "seeds": args.seeds, "outputs": [str(p) for p in paths],
+            "upsamplers": args.upsamplers,
         }, indent=2))
         print(plan)
         return 0
@@ -194,7 +203,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.prompt, height, width, mode=args.mode, negative_prompt=args.negative_prompt,
         num_images_per_prompt=len(args.seeds), num_inference_steps=args.steps, guidance_scale=guidance,
         K=args.K, noise_level=args.noise_level, pivot_space=args.pivot_space, seed=args.seeds,
-        return_stages=args.save_stages, progress=not args.no_progress,
+        return_stages=args.save_stages, progress=not args.no_progress, upsamplers=args.upsamplers,
     )
     for i, (seed, path) in enumerate(zip(result.seeds, paths)):
         save_png(result.images[i], path, result.settings, seed)
@@ -239,7 +248,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         for size in sizes:
             logger.info("%s at %dx%d", mode, size, size)
             out = cascade(args.prompt, size, size, mode=mode, num_inference_steps=args.steps,
-                          guidance_scale=guidance, seed=args.seed)
+                          guidance_scale=guidance, seed=args.seed,
+                          upsamplers=args.upsamplers if mode == "tuned" else None)
             row.append(out.images[0])
         cells.append(row)
     grid = make_grid(cells, args.modes, [f"{s}x{s}" for s in sizes], cell=args.cell)

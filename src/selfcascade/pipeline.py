@@ -4,7 +4,8 @@
     cascade = SelfCascadePipeline.from_pipe(pipe)
     image = cascade("a photo of a corgi", height=2048, width=2048, seed=0).images[0]
 
-Every mode (direct, tuning-free) is a configuration of the same run through ``sample_cascade``.
+Every mode (direct, tuning-free, tuned) is a configuration of the same run through ``sample_cascade``;
+tuned mode adds a bank of feature upsamplers (``selfcascade.upsamplers``) to stages r >= 1.
 """
 
 from __future__ import annotations
@@ -22,11 +23,15 @@ from PIL import Image
 from .backbones import Backbone, backbone_from_pipe
 from .cascade import PivotSpace, StepCallback, check_scheduler, resolve_k, sample_cascade
 from .plan import DEFAULT_MAX_RATIO, ScalePlan, make_plan
+from .unet_features import tuned_stage_context
+from .upsamplers import UpsamplerBank, load_bank
 
 logger = logging.getLogger(__name__)
 
-Mode = Literal["tuning-free", "direct"]
-MODES: tuple[str, ...] = ("tuning-free", "direct")
+Mode = Literal["tuning-free", "direct", "tuned"]
+MODES: tuple[str, ...] = ("tuning-free", "direct", "tuned")
+#: A bank, its folder or hub id; or one per stage r >= 1 (None: that stage runs tuning-free).
+Upsamplers = UpsamplerBank | str | os.PathLike | Sequence["UpsamplerBank | str | os.PathLike | None"]
 OutputType = Literal["pil", "np", "pt", "latent"]
 #: Name under which the model the project trains and ships is loaded.
 EMBEDDED_NAME = "embedded"
@@ -166,6 +171,26 @@ class SelfCascadePipeline:
             raise ValueError(f"got {len(seeds)} seeds for {count} images; give one per image or a single int.")
         return seeds
 
+    def _stage_banks(self, upsamplers: Upsamplers | None, plan: ScalePlan) -> list[UpsamplerBank | None]:
+        """One loaded, checked bank (or None) per stage r >= 1."""
+        if upsamplers is None:
+            raise ValueError("mode='tuned' needs upsamplers=: an UpsamplerBank, or a folder or hub id written by "
+                             "`selfcascade train-upsamplers` (or use mode='tuning-free').")
+        if isinstance(upsamplers, (UpsamplerBank, str, os.PathLike)):
+            upsamplers = [upsamplers] * (plan.num_stages - 1)
+        elif len(upsamplers) != plan.num_stages - 1:
+            raise ValueError(f"got {len(upsamplers)} upsampler banks for the {plan.num_stages - 1} upsampling stage(s) "
+                             "of this plan; give one bank for all or one (or None) per stage after the first.")
+        bb = self.backbone
+        banks: list[UpsamplerBank | None] = []
+        for given in upsamplers:
+            bank = None if given is None else load_bank(given)
+            if bank is not None:
+                bank.check_compatible(bb.unet, bb.name)
+                bank.to(bb.device).eval()
+            banks.append(bank)
+        return banks
+
     @staticmethod
     def _guidance(guidance_scale: float | Sequence[float], stages: int) -> list[float]:
         if isinstance(guidance_scale, (int, float)):
@@ -195,6 +220,7 @@ class SelfCascadePipeline:
         output_type: OutputType = "pil",
         callback: StepCallback | None = None,
         progress: bool = True,
+        upsamplers: Upsamplers | None = None,
     ) -> CascadeOutput:
         """Generate ``height x width`` images (default: 2x the base size per side, 4x pixels).
 
@@ -202,20 +228,25 @@ class SelfCascadePipeline:
         the next size: higher keeps less of the pivot and invents more detail (paper: K=700 of 1000).
         ``guidance_scale`` may be a list with one value per stage. ``seed`` gives image i the seed
         ``seed + i`` (or pass one seed per image), so any image can be regenerated alone.
+        ``upsamplers`` (mode="tuned"): a tuned feature-upsampler bank, its folder or hub id, or one per
+        stage after the first; a bank shaped for another model raises a ValueError.
         """
         bb = self.backbone
         # 1. check inputs and resolve defaults
         prompts = self.check_inputs(prompt, negative_prompt, mode, num_inference_steps, num_images_per_prompt,
                                     pivot_space, output_type)
         base_h, base_w = bb.base_size
-        height = height or base_h * 2
-        width = width or base_w * 2
+        height = base_h * 2 if height is None else height
+        width = base_w * 2 if width is None else width
         plan = self.plan(height, width, mode)
         k = resolve_k(bb.scheduler.config.num_train_timesteps, K, noise_level)
         guidance = self._guidance(guidance_scale, plan.num_stages)
         batch = len(prompts) * num_images_per_prompt
         seeds = self._seeds(seed, batch)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+        if upsamplers is not None and mode != "tuned":
+            raise ValueError(f"upsamplers only apply to mode='tuned', got mode={mode!r}.")
+        banks = self._stage_banks(upsamplers, plan) if mode == "tuned" else None
 
         # 2. encode the prompt once for all stages
         do_cfg = any(g > 1.0 for g in guidance)
@@ -231,6 +262,7 @@ class SelfCascadePipeline:
         result = sample_cascade(
             bb, plan, embeds, generators, num_inference_steps=num_inference_steps, k=k,
             guidance_scales=guidance, pivot_space=pivot_space, callback=callback, progress=progress,
+            stage_context=tuned_stage_context(bb.unet, banks) if banks is not None else None,
         )
 
         # 5. decode
@@ -248,6 +280,8 @@ class SelfCascadePipeline:
             "scheduler": type(bb.scheduler).__name__, "stages": [list(s) for s in plan.stages],
             "prompt": prompts, "negative_prompt": negatives,
         }
+        if banks is not None:
+            settings["upsamplers"] = [None if b is None else b.config.get("_name_or_path", "in-memory") for b in banks]
         return CascadeOutput(images=decoded[-1], plan=plan, seeds=seeds, settings=settings,
                              stages=decoded if return_stages else [])
 

@@ -142,7 +142,7 @@ def concept_key(label: str) -> str:
 
 
 def make_caption(label: str, tags: Sequence[str], source: str) -> str:
-    """"grinning face, cheerful, cheery, twemoji style": label, a few tags, the style."""
+    """Label, a few tags and the style, e.g. "grinning face, cheerful, cheery, twemoji style"."""
     label_words = set(slug(label).split("-"))
     extra = [t for t in tags if t and slug(t) not in label_words][:_TAGS_PER_CAPTION]
     return ", ".join([label, *extra, STYLES[source]])
@@ -426,7 +426,7 @@ def build_dataset(
     if items is None:
         items = collect_items(cache_dir / "packages", sources)
     for size in sizes:
-        image_path(cache_dir, size, "x").parent.mkdir(parents=True, exist_ok=True)
+        (cache_dir / "images" / str(size)).mkdir(parents=True, exist_ok=True)
 
     tasks = [(str(cache_dir), it.id, it.svg, sizes) for it in items]
     failed: dict[str, str] = {}

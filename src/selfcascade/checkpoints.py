@@ -1,0 +1,83 @@
+"""Resumable training checkpoints shared by every trainer: safetensors and json only, swapped in atomically.
+
+A checkpoint is a folder ``<run-dir>/checkpoint`` holding ``state.json`` (step, settings, the optimizer's
+non-tensor state) next to the trainer's own safetensors files. It is built as a sibling folder and then
+renamed into place, so a run killed at any moment leaves one complete checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT = "checkpoint"
+STATE_JSON = "state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+def write_checkpoint(run_dir: Path, optimizer: torch.optim.Optimizer, state: dict,
+                     write_weights: Callable[[Path], None]) -> Path:
+    """``write_weights(folder)`` saves the trainer's weights; optimizer and state are added here."""
+    final, tmp, old = run_dir / CHECKPOINT, run_dir / f"{CHECKPOINT}.tmp", run_dir / f"{CHECKPOINT}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_weights(tmp)
+    tensors, meta = _split_optimizer_state(optimizer)
+    save_file(tensors, str(tmp / OPTIMIZER_FILE))
+    (tmp / STATE_JSON).write_text(json.dumps({**state, "optimizer": meta}, indent=1))
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(run_dir: Path) -> Path | None:
+    """The complete checkpoint of a run, also after a crash mid-swap."""
+    for name in (CHECKPOINT, f"{CHECKPOINT}.old"):
+        path = run_dir / name
+        if (path / STATE_JSON).exists():
+            return path
+    return None
+
+
+def read_checkpoint_state(path: Path) -> dict:
+    return json.loads((path / STATE_JSON).read_text())
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, path: Path, state: dict) -> None:
+    """Restore what :func:`write_checkpoint` saved of ``optimizer``."""
+    tensors = load_file(str(path / OPTIMIZER_FILE))
+    meta = state["optimizer"]
+    per_param: dict[int, dict] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        pid, name = key.split(".", 1)
+        per_param.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The only randomness of a training step, so that a resumed run replays an uninterrupted one exactly."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed((seed * 1_000_003 + step) * 131 + rank)
+    return g
+
+
+def _split_optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Flat tensors for safetensors, and the json-able rest."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, pstate in state["state"].items():
+        for name, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}

@@ -1,0 +1,358 @@
+"""Train the embedded base model: a small text-to-image UNet in pixel space at 32x32.
+
+The model exists to make the paper's claims measurable offline, so it is sized to train usefully on
+2 CPU cores in a few hours of resumable background runs. Attention sits only at the lowest-resolution
+level, which keeps the cost per step close to linear in pixels up to 256 px (the evaluation runs it
+at 4x, 16x and 64x its training pixels). The same script runs on GPUs or several nodes through
+accelerate.
+
+Checkpoints hold only safetensors and json (no pickles): ``<run-dir>/checkpoint/`` is replaced
+atomically every ``--checkpoint-every`` steps and training resumes from it automatically. Batches,
+noise, timesteps and caption dropout are drawn from a generator seeded by (seed, step, rank), so a
+resumed run continues exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from selfcascade.checkpoints import find_checkpoint, load_optimizer, read_checkpoint_state, step_generator, write_checkpoint
+from selfcascade.data.emoji import STYLES
+from selfcascade.text_encoder import DEFAULT_MAX_LENGTH, ENCODER_NAME, HIDDEN_SIZE
+
+logger = logging.getLogger(__name__)
+
+BASE_SIZE = 32
+MODEL_CARD_JSON = "selfcascade_model.json"
+
+# Four levels (32, 16, 8, 4 px at the base size); attention only in the 4x4 level and the mid block.
+DEFAULT_UNET: dict = {
+    "sample_size": BASE_SIZE,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownBlock2D", "DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64, 128, 128],
+    "layers_per_block": 1,
+    "attention_head_dim": 32,
+    "cross_attention_dim": HIDDEN_SIZE,
+    "norm_num_groups": 32,
+}
+
+SCHEDULER: dict = {
+    "num_train_timesteps": 1000,
+    "beta_start": 1e-4,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "prediction_type": "epsilon",
+    "clip_sample": True,
+}
+
+
+def build_unet(config: dict | None = None):
+    """A pixel-space UNet2DConditionModel from ``DEFAULT_UNET`` updated with ``config``."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**{**DEFAULT_UNET, **(config or {})})
+
+
+def build_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**SCHEDULER)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------------
+# EMA and checkpoint state
+
+
+class EMA:
+    """Exponential moving average of a model's float tensors, with the usual warm-up of the decay."""
+
+    def __init__(self, model: torch.nn.Module, max_decay: float) -> None:
+        self.max_decay = max_decay
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        decay = min(self.max_decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].lerp_(v.float(), 1 - decay)
+            else:
+                self.shadow[k].copy_(v)
+
+
+def save_checkpoint(run_dir: Path, unet: torch.nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,
+                    state: dict) -> Path:
+    def write_weights(folder: Path) -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}, str(folder / "model.safetensors"))
+        save_file({k: v.cpu().contiguous() for k, v in ema.shadow.items()}, str(folder / "ema.safetensors"))
+
+    return write_checkpoint(run_dir, optimizer, state, write_weights)
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+
+
+def export_model(out_dir: Path, unet_config: dict, weights: dict[str, torch.Tensor], info: dict) -> Path:
+    """Write the shipped layout: ``unet/`` (diffusers, safetensors), ``scheduler/``, model json."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    unet = build_unet(unet_config)
+    unet.load_state_dict(weights)
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    build_scheduler().save_pretrained(tmp / "scheduler")
+    card = {
+        "text_encoder": ENCODER_NAME,
+        "max_length": info.get("max_length", DEFAULT_MAX_LENGTH),
+        "base_size": BASE_SIZE,
+        "parameters": count_parameters(unet),
+        **info,
+    }
+    (tmp / MODEL_CARD_JSON).write_text(json.dumps(card, indent=2) + "\n")
+    for path in tmp.rglob("*"):  # save_pretrained may write 0600 files; the package data must be readable
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    # Swap in, keeping any other files (README/model card, sample grids) already in out_dir.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for child in tmp.iterdir():
+        target = out_dir / child.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(child, target)
+    tmp.rmdir()
+    return out_dir
+
+
+def export_checkpoint(run_dir: Path, out_dir: Path) -> Path:
+    """Export the EMA weights of the latest checkpoint in ``run_dir``."""
+    ckpt = find_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint under {run_dir}; train first with `selfcascade train-base`")
+    state = read_checkpoint_state(ckpt)
+    return export_model(out_dir, state["unet_config"], load_file(str(ckpt / "ema.safetensors")), _card_info(state))
+
+
+def _card_info(state: dict) -> dict:
+    return {
+        "train_steps": state["step"] + state.get("init_steps", 0),
+        "train_seconds": round(state["train_seconds"] + state.get("init_seconds", 0.0)),
+        "batch_size": state["args"]["batch_size"],
+        "learning_rate": state["args"]["lr"],
+        "ema_max_decay": state["args"]["ema_decay"],
+        "caption_dropout": state["args"]["caption_dropout"],
+        "data": "selfcascade emoji data set, train split (OpenMoji, Twemoji, Noto, Fluent)",
+        "caption_format": "<CLDR label>, <up to 2 tags>, <style>",
+        "styles": list(STYLES.values()),
+        "unconditional_prompt": "",
+        "hardware": state.get("hardware", ""),
+        "max_length": state["args"]["max_length"],
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+def training_loss(unet, scheduler, images: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Epsilon-prediction MSE at uniformly drawn timesteps."""
+    noise = torch.randn(images.shape, generator=generator).to(images.device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (images.shape[0],), generator=generator).to(images.device)
+    noisy = scheduler.add_noise(images, noise, t)
+    pred = unet(noisy, t, encoder_hidden_states=hidden, encoder_attention_mask=mask).sample
+    return F.mse_loss(pred.float(), noise.float())
+
+
+def _hardware(accelerator) -> str:
+    if accelerator.device.type == "cuda":
+        return f"{accelerator.num_processes}x {torch.cuda.get_device_name(accelerator.device)}"
+    return f"CPU, {torch.get_num_threads()} threads, {accelerator.num_processes} process(es)"
+
+
+def train(args: argparse.Namespace, dataset=None) -> dict:
+    """Train (resuming from ``args.run_dir``'s checkpoint if any) until ``args.max_steps``.
+
+    ``dataset`` defaults to the emoji train split at 32 px; tests pass a tiny one. Returns the final
+    checkpoint state.
+    """
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=args.cpu)
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    run_dir = Path(args.run_dir)
+    device = accelerator.device
+
+    if dataset is None:
+        from selfcascade.data.loader import EmojiDataset
+
+        dataset = EmojiDataset(args.cache_dir, size=BASE_SIZE, split="train", max_length=args.max_length)
+
+    ckpt = find_checkpoint(run_dir)
+    state: dict
+    if ckpt is not None:
+        state = read_checkpoint_state(ckpt)
+        unet = build_unet(state["unet_config"])
+        unet.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+        logger.info("resuming from %s at step %d", ckpt, state["step"])
+    elif args.init_from:
+        from diffusers import UNet2DConditionModel
+
+        init_dir = Path(args.init_from)
+        unet = UNet2DConditionModel.from_pretrained(init_dir / "unet")
+        card = json.loads((init_dir / MODEL_CARD_JSON).read_text()) if (init_dir / MODEL_CARD_JSON).exists() else {}
+        state = {"step": 0, "train_seconds": 0.0, "init_from": str(init_dir),
+                 "init_steps": card.get("train_steps", 0), "init_seconds": card.get("train_seconds", 0.0)}
+        logger.info("warm-starting from %s (%s steps), fresh optimizer", init_dir, state["init_steps"])
+    else:
+        torch.manual_seed(args.seed)  # reproducible initial weights
+        unet = build_unet(json.loads(args.unet_config) if args.unet_config else None)
+        state = {"step": 0, "train_seconds": 0.0}
+    state["unet_config"] = {k: (list(v) if isinstance(v, tuple) else v)
+                            for k, v in unet.config.items() if not k.startswith("_")}
+    state["args"] = {k: getattr(args, k) for k in ("batch_size", "lr", "warmup", "ema_decay", "caption_dropout",
+                                                    "seed", "max_length")}
+    state["hardware"] = _hardware(accelerator)
+
+    unet.to(device)
+    ema = EMA(unet, args.ema_decay)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if ckpt is not None:
+        ema.shadow = {k: v.to(device) for k, v in load_file(str(ckpt / "ema.safetensors")).items()}
+        load_optimizer(optimizer, ckpt, state)
+    state.pop("optimizer", None)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    scheduler = build_scheduler()
+    uncond_hidden, uncond_mask = dataset.uncond()
+    n = len(dataset)
+    logger.info("training %d-parameter UNet on %d images, batch %d, on %s",
+                count_parameters(unet), n, args.batch_size, state["hardware"])
+
+    step = state["step"]
+    bar = tqdm(total=args.max_steps, initial=step, desc="train-base", unit="step",
+               disable=not accelerator.is_main_process, mininterval=5)
+    smooth = None
+    unet.train()
+    while step < args.max_steps:
+        t0 = time.perf_counter()
+        g = step_generator(args.seed, step, accelerator.process_index)
+        idx = torch.randint(0, n, (args.batch_size,), generator=g)
+        images, hidden, mask = dataset.batch(idx)
+        drop = torch.rand(args.batch_size, generator=g) < args.caption_dropout
+        hidden = torch.where(drop[:, None, None], uncond_hidden.expand_as(hidden), hidden)
+        mask = torch.where(drop[:, None], uncond_mask.expand_as(mask), mask)
+        for group in optimizer.param_groups:  # linear warm-up, then constant
+            group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+        loss = training_loss(unet, scheduler, images.to(device), hidden.to(device), mask.to(device), g)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if args.grad_clip > 0:
+            accelerator.clip_grad_norm_(unet.parameters(), args.grad_clip)
+        optimizer.step()
+        ema.update(accelerator.unwrap_model(unet), step)
+        step += 1
+        state["train_seconds"] += time.perf_counter() - t0
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss became {value} at step {step}; lower --lr or check the data")
+        smooth = value if smooth is None else 0.98 * smooth + 0.02 * value
+        state["loss"] = smooth
+        bar.update()
+        bar.set_postfix(loss=f"{smooth:.4f}", refresh=False)
+        if step % args.checkpoint_every == 0 or step == args.max_steps:
+            _checkpoint(accelerator, run_dir, unet, ema, optimizer, state, step, args)
+    bar.close()
+    if find_checkpoint(run_dir) is None:  # e.g. --init-from with no steps: still leave a checkpoint to export
+        _checkpoint(accelerator, run_dir, unet, ema, optimizer, state, step, args)
+    if args.export and accelerator.is_main_process:
+        export_checkpoint(run_dir, Path(args.export))
+    state["step"] = step
+    return state
+
+
+def _checkpoint(accelerator, run_dir: Path, unet, ema: EMA, optimizer, state: dict, step: int,
+                args: argparse.Namespace) -> None:
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    state["step"] = step
+    save_checkpoint(run_dir, accelerator.unwrap_model(unet), ema, optimizer, state)
+    logger.info("step %d: loss %.4f, %.2f s/step, checkpoint saved", step, state.get("loss", float("nan")),
+                state["train_seconds"] / max(1, step))
+    if args.export and args.export_every and step % args.export_every == 0:
+        export_checkpoint(run_dir, Path(args.export))
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/base"), help="checkpoints go to RUN_DIR/checkpoint")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="data set cache (see `selfcascade data build`)")
+    parser.add_argument("--max-steps", type=int, default=20000, help="train until this many steps in total")
+    parser.add_argument("--batch-size", type=int, default=64, help="per process")
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--grad-clip", type=float, default=1.0)
+    parser.add_argument("--ema-decay", type=float, default=0.998)
+    parser.add_argument("--caption-dropout", type=float, default=0.1, help="for classifier-free guidance")
+    parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="caption tokens")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--unet-config", default=None, help="json overrides of the UNet config (new runs only)")
+    parser.add_argument("--init-from", type=Path, default=None, help="warm-start from an exported model folder")
+    parser.add_argument("--export", type=Path, default=None, help="export the EMA weights here at the end")
+    parser.add_argument("--export-every", type=int, default=0, help="also export every N steps (multiple of --checkpoint-every)")
+    parser.add_argument("--export-only", action="store_true", help="export the latest checkpoint and exit")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.export_only:
+        if args.export is None:
+            raise SystemExit("--export-only needs --export DIR")
+        logger.info("exported to %s", export_checkpoint(args.run_dir, args.export))
+        return
+    train(args)
+
+
+def register_cli(subparsers: "argparse._SubParsersAction") -> None:
+    """Add ``train-base`` to a CLI's subparsers."""
+    parser = subparsers.add_parser("train-base", help="train the embedded 32 px base model (resumable)")
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m selfcascade.train_base", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,418 @@
+"""Tune a feature-upsampler bank on high-res images (paper Algorithm 1); the base model stays frozen.
+
+    selfcascade train-upsamplers --model embedded --scale 4 --size 64 --max-steps 2000
+    selfcascade train-upsamplers --model DIR_OR_HUB_ID --data IMAGES_DIR --scale 4 --output bank/
+
+Each step takes pairs (x at the high-res size, downsample(x) at the pivot size), draws t ~ U{1..K}
+and minimises ||target - eps~(z_t, t, c, z_0^{r-1})||^2 (target: eps, or v for v-prediction models)
+over the bank's weights only. Everything the frozen model computes from an image and its caption alone
+(the high-res latents, the text conditioning and the pivot's skip features) is computed once and kept
+in memory up to ``--cache-gb``, so a step costs one UNet forward and backward at the high-res size.
+
+Runs unchanged on one CPU, one GPU or many (``accelerate launch``): mixed precision on GPU,
+checkpoints of safetensors + json (``RUN_DIR/checkpoint``, resumed automatically), a progress bar with
+the loss, a tuning-free vs tuned validation grid every ``--validate-every`` steps. ``--init-from BANK``
+starts from a bank tuned for another scale ("extendable tuning").
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .backbones.base import Backbone, PromptEmbeds
+from .cascade import resolve_k
+from .checkpoints import find_checkpoint, load_optimizer, read_checkpoint_state, step_generator, write_checkpoint
+from .unet_features import inject, pivot_features
+from .upsamplers import DEFAULT_TIME_WIDTH, DEFAULT_WIDTH, UpsamplerBank
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class ImageCaptions:
+    """High-res training images (uint8 [N, 3, S, S], RGB) and one caption each."""
+
+    images: torch.Tensor
+    captions: list[str]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def _square(image: Image.Image, size: int) -> np.ndarray:
+    """Centre crop to a square, then an antialiased resize to ``size``."""
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.convert("RGB").crop((left, top, left + side, top + side))
+    return np.asarray(image.resize((size, size), Image.BICUBIC, reducing_gap=None))
+
+
+def load_image_folder(folder: Path, size: int) -> ImageCaptions:
+    """Every image under ``folder``, each captioned by the ``.txt`` file of the same name beside it."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    captions, uncaptioned = [], 0
+    for path in files:
+        text = path.with_suffix(".txt")
+        uncaptioned += not text.is_file()
+        captions.append(text.read_text(encoding="utf-8").strip() if text.is_file() else "")
+    if uncaptioned:
+        logger.warning("%d of %d images have no caption file (NAME.txt beside NAME.png); they train with the "
+                       "empty prompt", uncaptioned, len(files))
+    images = np.stack([_square(Image.open(p), size) for p in tqdm(files, desc="loading images", mininterval=2)])
+    return ImageCaptions(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), captions)
+
+
+def load_manifest(cache_dir: Path, size: int, split: str = "train") -> ImageCaptions:
+    """The embedded emoji data set's ``split`` at ``size`` px (rendered from SVG: true high-res ground truth)."""
+    from .data.emoji import image_path, read_manifest
+
+    records = [r for r in read_manifest(cache_dir) if r["split"] == split]
+    if not records:
+        raise ValueError(f"no {split!r} records in the manifest under {cache_dir}")
+    missing = [r["id"] for r in records if not image_path(cache_dir, size, r["id"]).exists()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image(s) at {size} px are missing under {cache_dir} (e.g. {missing[0]}); "
+                                f"render them with `selfcascade data build --sizes {size}`")
+    images = np.stack([np.asarray(Image.open(image_path(cache_dir, size, r["id"])).convert("RGB"))
+                       for r in tqdm(records, desc=f"loading {split} {size} px", mininterval=2)])
+    return ImageCaptions(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), [r["caption"] for r in records])
+
+
+def load_data(data: Path | None, size: int, split: str = "train") -> ImageCaptions:
+    """A data set manifest (its folder or the manifest file; default: the emoji cache) or an image folder."""
+    from .data.emoji import MANIFEST, default_cache_dir
+
+    path = Path(data) if data is not None else default_cache_dir()
+    if path.name == MANIFEST:
+        path = path.parent
+    if (path / MANIFEST).is_file():
+        return load_manifest(path, size, split)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--data {path} is neither a folder of images nor a data set with a {MANIFEST}")
+    return load_image_folder(path, size)
+
+
+# --------------------------------------------------------------------------------------------------
+# What the frozen model gives once per image
+
+
+def _split_embeds(embeds: PromptEmbeds) -> list[dict[str, torch.Tensor]]:
+    rows = []
+    for i in range(embeds.batch_size):
+        row = {"embeds": embeds.embeds[i]}
+        if embeds.mask is not None:
+            row["mask"] = embeds.mask[i]
+        row.update({f"extra.{k}": v[i] for k, v in embeds.extra.items()})
+        rows.append(row)
+    return rows
+
+
+def _stack_embeds(rows: Sequence[dict[str, torch.Tensor]], device: torch.device) -> PromptEmbeds:
+    stacked = {k: torch.stack([r[k] for r in rows]).to(device) for k in rows[0]}
+    extra = {k.split(".", 1)[1]: v for k, v in stacked.items() if k.startswith("extra.")}
+    return PromptEmbeds(embeds=stacked["embeds"], mask=stacked.get("mask"), extra=extra)
+
+
+class PivotCache:
+    """Per (image, caption dropped?) high-res latents, text conditioning and pivot skip features.
+
+    They depend only on the image and its caption, so they are computed once (in batches, on the
+    training device) and kept on the CPU until ``max_bytes``; past that, items are recomputed.
+    """
+
+    def __init__(self, backbone: Backbone, data: ImageCaptions, low_size: int, max_bytes: float = 4 * 2**30) -> None:
+        self.backbone = backbone
+        self.data = data
+        self.low_size = low_size
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.items: dict[tuple[int, bool], dict] = {}
+
+    @torch.no_grad()
+    def _compute(self, keys: list[tuple[int, bool]]) -> list[dict]:
+        bb = self.backbone
+        images = self.data.images[[i for i, _ in keys]].to(bb.device).float() / 255
+        low = F.interpolate(images, size=(self.low_size, self.low_size), mode="bicubic", antialias=True).clamp(0, 1)
+        captions = ["" if dropped else self.data.captions[i] for i, dropped in keys]
+        embeds = bb.encode_prompt(captions, None, 1, do_cfg=False)
+        z_low = bb.encode(low)
+        inputs = bb.unet_inputs(embeds, self.low_size, self.low_size, do_cfg=False)
+        features = pivot_features(bb.unet, z_low, inputs, do_cfg=False)
+        z_high = bb.encode(images)
+        return [{"z": z_high[j].cpu(), "text": {k: v.cpu() for k, v in row.items()},
+                 "features": [f[j].cpu() for f in features]} for j, row in enumerate(_split_embeds(embeds))]
+
+    def batch(self, indices: Sequence[int], dropped: Sequence[bool]) -> tuple[torch.Tensor, PromptEmbeds, list[torch.Tensor]]:
+        """(high-res latents, text conditioning, pivot features per level) of a batch, on the device."""
+        keys = [(int(i), bool(d)) for i, d in zip(indices, dropped)]
+        missing = list(dict.fromkeys(k for k in keys if k not in self.items))
+        fresh = dict(zip(missing, self._compute(missing))) if missing else {}
+        for key, item in fresh.items():
+            size = sum(t.numel() * t.element_size() for t in [item["z"], *item["text"].values(), *item["features"]])
+            if self.bytes + size <= self.max_bytes:
+                self.items[key] = item
+                self.bytes += size
+        items = [self.items.get(k) or fresh[k] for k in keys]
+        device = self.backbone.device
+        z = torch.stack([it["z"] for it in items]).to(device)
+        embeds = _stack_embeds([it["text"] for it in items], device)
+        features = [torch.stack([it["features"][n] for it in items]).to(device) for n in range(len(items[0]["features"]))]
+        return z, embeds, features
+
+
+# --------------------------------------------------------------------------------------------------
+# The objective
+
+
+def prediction_target(scheduler, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the frozen model predicts: eps (the paper), v (SD 2.x 768) or the clean sample."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(z0, noise, t)
+    if kind == "sample":
+        return z0
+    raise ValueError(f"cannot tune for prediction_type {kind!r}; expected epsilon, v_prediction or sample.")
+
+
+def tuning_loss(backbone: Backbone, bank: torch.nn.Module, z0: torch.Tensor, embeds: PromptEmbeds,
+                features: Sequence[torch.Tensor], t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Eq. 10: MSE of the frozen UNet's prediction at z_t^r with the bank's residuals of the pivot features."""
+    scheduler = backbone.scheduler
+    height, width = (s * backbone.spatial_factor for s in z0.shape[-2:])
+    inputs = backbone.unet_inputs(embeds, height, width, do_cfg=False)
+    noisy = scheduler.add_noise(z0, noise, t)
+    with inject(backbone.unet, bank, features):
+        pred = backbone.unet(noisy, t, **inputs, return_dict=False)[0]
+    return F.mse_loss(pred.float(), prediction_target(scheduler, z0, noise, t).float())
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints (safetensors + json only)
+
+
+def save_checkpoint(run_dir: Path, bank: UpsamplerBank, optimizer: torch.optim.Optimizer, state: dict) -> Path:
+    return write_checkpoint(run_dir, optimizer, state, lambda folder: bank.save_pretrained(folder / "bank", safe_serialization=True))
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+def _sizes(backbone: Backbone, scale: float, size: int | None) -> tuple[int, int]:
+    """(pivot side, high-res side) in pixels for a ``scale``x pixel ratio."""
+    side_factor = math.sqrt(scale)
+    high = size if size is not None else round(backbone.base_size[0] * side_factor)
+    low = high / side_factor
+    multiple = backbone.size_multiple
+    if abs(low - round(low)) > 1e-6 or round(low) % multiple or high % multiple:
+        raise ValueError(f"--size {high} with --scale {scale:g} gives a pivot side of {low:g} px; both sides must be "
+                         f"whole multiples of {multiple} px for this model: pick a --size whose pivot side "
+                         f"size / sqrt(scale) is one (e.g. --scale 4 --size {4 * multiple}).")
+    return round(low), high
+
+
+def _validation_grid(cascade, bank: UpsamplerBank, prompts: list[str], size: int, steps: int, seed: int):
+    from .grid import make_grid
+
+    plan = cascade.plan(size, size)
+    banks = [bank if s == (size, size) else None for s in plan.stages[1:]]
+    rows = []
+    for mode, extra in (("tuning-free", {}), ("tuned", {"upsamplers": banks})):
+        out = cascade(prompts, size, size, mode=mode, num_inference_steps=steps, seed=seed, progress=False,
+                      guidance_scale=cascade.backbone.default_guidance_scale, **extra)
+        rows.append(out.images)
+    return make_grid(rows, ["tuning-free", "tuned"], [p[:14] for p in prompts])
+
+
+def train(args: argparse.Namespace, data: ImageCaptions | None = None) -> dict:
+    """Tune (resuming from ``args.run_dir``'s checkpoint if any) until ``args.max_steps``; returns the state."""
+    from accelerate import Accelerator
+
+    from .pipeline import SelfCascadePipeline
+
+    cpu = args.cpu or not torch.cuda.is_available()
+    precision = args.mixed_precision or ("no" if cpu else "fp16")
+    accelerator = Accelerator(cpu=cpu, mixed_precision=precision)
+    device = accelerator.device
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    cascade = SelfCascadePipeline.from_pretrained(args.model, device=device, dtype=weight_dtype)
+    bb = cascade.backbone
+    low, high = _sizes(bb, args.scale, args.size)
+    k = resolve_k(bb.scheduler.config.num_train_timesteps, args.K)
+    run_dir = Path(args.run_dir)
+    data = data if data is not None else load_data(args.data, high)
+
+    ckpt = find_checkpoint(run_dir)
+    if ckpt is not None:
+        state = read_checkpoint_state(ckpt)
+        bank = UpsamplerBank.from_pretrained(ckpt / "bank")
+        logger.info("resuming from %s at step %d", ckpt, state["step"])
+    elif args.init_from is not None:
+        bank = UpsamplerBank.from_pretrained(str(args.init_from))
+        bank.register_to_config(tuned_from=str(args.init_from))
+        state = {"step": 0, "train_seconds": 0.0, "losses": []}
+        logger.info("extendable tuning: starting from %s (tuned for %gx)", args.init_from, bank.config.scale)
+    else:
+        bank = UpsamplerBank.for_unet(bb.unet, width=args.width, time_width=args.time_width, injection=args.injection)
+        state = {"step": 0, "train_seconds": 0.0, "losses": []}
+    bank.check_compatible(bb.unet, bb.name)
+    bank.register_to_config(base_model=bb.name, scale=float(args.scale), K=k, train_size=[high, high])
+    state["args"] = {key: (str(v) if isinstance(v, Path) else v) for key, v in vars(args).items() if key != "func"}
+    bank.to(device).train()
+    optimizer = torch.optim.AdamW(bank.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if ckpt is not None:
+        load_optimizer(optimizer, ckpt, state)
+    state.pop("optimizer", None)
+    model, optimizer = accelerator.prepare(bank, optimizer)
+    cache = PivotCache(bb, data, low, max_bytes=args.cache_gb * 2**30)
+    validation_prompts = args.validation_prompts or data.captions[:4]
+    n_params = bank.num_parameters()
+    logger.info("tuning a %d-parameter bank (%.4f%% of the %d-parameter UNet) for %dpx -> %dpx on %d images, "
+                "K=%d, batch %d per process, %d process(es)", n_params, 100 * n_params / bb.unet.num_parameters(),
+                bb.unet.num_parameters(), low, high, len(data), k, args.batch_size, accelerator.num_processes)
+
+    step = state["step"]
+    bar = tqdm(total=args.max_steps, initial=step, desc="train-upsamplers", unit="step",
+               disable=not accelerator.is_main_process)
+    smooth = state.get("loss")
+    while step < args.max_steps:
+        t0 = time.perf_counter()
+        g = step_generator(args.seed, step, accelerator.process_index)
+        idx = torch.randint(0, len(data), (args.batch_size,), generator=g)
+        dropped = torch.rand(args.batch_size, generator=g) < args.caption_dropout
+        t = torch.randint(1, k + 1, (args.batch_size,), generator=g).to(device)
+        z0, embeds, features = cache.batch(idx.tolist(), dropped.tolist())
+        noise = torch.randn(z0.shape, generator=g).to(device, z0.dtype)
+        with accelerator.autocast():
+            loss = tuning_loss(bb, model, z0, embeds, features, t, noise)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if args.grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        step += 1
+        state["train_seconds"] += time.perf_counter() - t0
+        value = accelerator.gather(loss.detach()[None]).mean().item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss became {value} at step {step}; lower --lr")
+        smooth = value if smooth is None else 0.95 * smooth + 0.05 * value
+        state["loss"] = smooth
+        if step % args.log_every == 0:
+            state["losses"].append([step, value])
+        bar.update()
+        bar.set_postfix(loss=f"{smooth:.4f}", refresh=False)
+        if step % args.checkpoint_every == 0 or step == args.max_steps:
+            accelerator.wait_for_everyone()
+            state["step"] = step
+            if accelerator.is_main_process:
+                save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, state)
+        if args.validate_every and step % args.validate_every == 0 and accelerator.is_main_process:
+            _validate(cascade, accelerator.unwrap_model(model), validation_prompts, high, args, run_dir, step)
+    bar.close()
+    state["step"] = step
+    if accelerator.is_main_process:
+        output = Path(args.output) if args.output else run_dir / "bank"
+        accelerator.unwrap_model(model).save_pretrained(output, safe_serialization=True)
+        logger.info("bank saved to %s (step %d, loss %.4f, %.1f s)", output, step, smooth or float("nan"),
+                    state["train_seconds"])
+    return state
+
+
+def _validate(cascade, bank: UpsamplerBank, prompts: list[str], size: int, args: argparse.Namespace,
+              run_dir: Path, step: int) -> None:
+    from .io import save_png
+
+    with torch.no_grad():
+        grid = _validation_grid(cascade, bank, prompts, size, args.validation_steps, args.seed)
+    bank.train()
+    path = save_png(grid, run_dir / "validation" / f"step-{step:06d}.png")
+    logger.info("validation grid: %s", path)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="embedded", help="'embedded', a diffusers folder, or a hub id (stays frozen)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="folder of images with NAME.txt captions beside them, or a data set folder/manifest.jsonl "
+                             "(default: the emoji data set cache, train split)")
+    parser.add_argument("--scale", type=float, default=4.0, help="pixel ratio of the stage to tune for (4 = 2x per side)")
+    parser.add_argument("--size", type=int, default=None, help="high-res side in px (default: base side * sqrt(scale))")
+    parser.add_argument("--K", type=int, default=None, help="largest timestep trained, of T=1000 (default 700, as sampled)")
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/upsamplers"), help="checkpoints, validation grids")
+    parser.add_argument("--output", type=Path, default=None, help="final bank folder (default RUN_DIR/bank)")
+    parser.add_argument("--init-from", type=Path, default=None, help="start from this bank (extendable tuning)")
+    parser.add_argument("--injection", choices=["skip", "hidden"], default="skip",
+                        help="add residuals to skip features (paper) or to the hidden state passed on (new banks only)")
+    parser.add_argument("--width", type=int, default=DEFAULT_WIDTH, help="channels inside each upsampler (new banks only)")
+    parser.add_argument("--time-width", type=int, default=DEFAULT_TIME_WIDTH, help="timestep features (new banks only)")
+    parser.add_argument("--max-steps", type=int, default=2000, help="train until this many steps in total")
+    parser.add_argument("--batch-size", type=int, default=8, help="per process")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="0 disables")
+    parser.add_argument("--caption-dropout", type=float, default=0.1,
+                        help="train on the empty prompt this often: guided sampling runs the bank on it too")
+    parser.add_argument("--cache-gb", type=float, default=4.0, help="CPU memory for cached latents and pivot features")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=10, help="record the loss curve every N steps")
+    parser.add_argument("--checkpoint-every", type=int, default=200)
+    parser.add_argument("--validate-every", type=int, default=500, help="tuning-free vs tuned grid every N steps (0: off)")
+    parser.add_argument("--validation-prompts", nargs="+", default=None, help="default: the first 4 training captions")
+    parser.add_argument("--validation-steps", type=int, default=25, help="sampler steps for the validation grid")
+    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
+                        help="default: fp16 on GPU, none on CPU (where half precision is slower)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per process")
+    parser.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
+
+
+def run(args: argparse.Namespace) -> int:
+    train(args)
+    return 0
+
+
+def register_cli(subparsers: "argparse._SubParsersAction") -> None:
+    """Add ``train-upsamplers`` to a CLI's subparsers."""
+    parser = subparsers.add_parser("train-upsamplers", help="tune a feature-upsampler bank (the tuned self-cascade)",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m selfcascade.train_upsamplers", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

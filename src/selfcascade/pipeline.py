@@ -211,7 +211,7 @@ class SelfCascadePipeline:
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         num_inference_steps: int = 50,
-        guidance_scale: float | Sequence[float] = 7.5,
+        guidance_scale: float | Sequence[float] | None = None,
         K: int | None = None,
         noise_level: float | None = None,
         pivot_space: PivotSpace = "latent",
@@ -226,8 +226,9 @@ class SelfCascadePipeline:
 
         K (or ``noise_level`` = K/T) is how far each pivot is diffused back before it is denoised at
         the next size: higher keeps less of the pivot and invents more detail (paper: K=700 of 1000).
-        ``guidance_scale`` may be a list with one value per stage. ``seed`` gives image i the seed
-        ``seed + i`` (or pass one seed per image), so any image can be regenerated alone.
+        ``guidance_scale`` (default: the model's own, 7.5 for SD) may be a list with one value per stage.
+        ``seed`` gives image i the seed ``seed + i`` (or pass one seed per image), so any image can be
+        regenerated alone.
         ``upsamplers`` (mode="tuned"): a tuned feature-upsampler bank, its folder or hub id, or one per
         stage after the first; a bank shaped for another model raises a ValueError.
         """
@@ -240,7 +241,8 @@ class SelfCascadePipeline:
         width = base_w * 2 if width is None else width
         plan = self.plan(height, width, mode)
         k = resolve_k(bb.scheduler.config.num_train_timesteps, K, noise_level)
-        guidance = self._guidance(guidance_scale, plan.num_stages)
+        guidance = self._guidance(bb.default_guidance_scale if guidance_scale is None else guidance_scale,
+                                  plan.num_stages)
         batch = len(prompts) * num_images_per_prompt
         seeds = self._seeds(seed, batch)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt

@@ -120,7 +120,8 @@ def export_model(out_dir: Path, unet_config: dict, weights: dict[str, torch.Tens
     shutil.rmtree(tmp, ignore_errors=True)
     unet = build_unet(unet_config)
     unet.load_state_dict(weights)
-    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    # fp16 storage halves the shipped size; loaders upcast (EmbeddedBackbone.from_folder).
+    unet.to(torch.float16).save_pretrained(tmp / "unet", safe_serialization=True)
     build_scheduler().save_pretrained(tmp / "scheduler")
     card = {
         "text_encoder": ENCODER_NAME,
@@ -219,7 +220,7 @@ def train(args: argparse.Namespace, dataset=None) -> dict:
         from diffusers import UNet2DConditionModel
 
         init_dir = Path(args.init_from)
-        unet = UNet2DConditionModel.from_pretrained(init_dir / "unet")
+        unet = UNet2DConditionModel.from_pretrained(init_dir / "unet", torch_dtype=torch.float32)
         card = json.loads((init_dir / MODEL_CARD_JSON).read_text()) if (init_dir / MODEL_CARD_JSON).exists() else {}
         state = {"step": 0, "train_seconds": 0.0, "init_from": str(init_dir),
                  "init_steps": card.get("train_steps", 0), "init_seconds": card.get("train_seconds", 0.0)}
@@ -341,7 +342,9 @@ def run(args: argparse.Namespace) -> None:
 
 def register_cli(subparsers: "argparse._SubParsersAction") -> None:
     """Add ``train-base`` to a CLI's subparsers."""
-    parser = subparsers.add_parser("train-base", help="train the embedded 32 px base model (resumable)")
+    parser = subparsers.add_parser("train-base", help="train the embedded 32 px base model (resumable)",
+                                   description=__doc__.split("\n")[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser)
     parser.set_defaults(func=run)
 

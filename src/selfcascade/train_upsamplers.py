@@ -400,6 +400,7 @@ def run(args: argparse.Namespace) -> int:
 def register_cli(subparsers: "argparse._SubParsersAction") -> None:
     """Add ``train-upsamplers`` to a CLI's subparsers."""
     parser = subparsers.add_parser("train-upsamplers", help="tune a feature-upsampler bank (the tuned self-cascade)",
+                                   description=__doc__.split("\n")[0],
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser)
     parser.set_defaults(func=run)

@@ -47,7 +47,8 @@ class EmbeddedBackbone(Backbone):
                     "`selfcascade train-base --export DIR`") if path is None else "export one with `selfcascade train-base --export DIR`"
             raise FileNotFoundError(f"{config_file} not found: {hint}.")
         config = json.loads(config_file.read_text())
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
+        # Shipped weights are stored in fp16 (half the size); compute starts in fp32 and .to() picks the dtype.
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True, torch_dtype=torch.float32)
         scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
         encoder = TextEncoder(max_length=int(config.get("max_length", 32)))
         name = "embedded" if path is None else str(folder)

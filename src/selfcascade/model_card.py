@@ -1,0 +1,112 @@
+"""Model card of an exported embedded model: ``README.md`` plus a sample grid of held-out captions.
+
+    python -m selfcascade.model_card src/selfcascade/embedded_model
+
+The card's numbers (steps, wall time, hardware, data) come from the ``selfcascade_model.json`` that
+``selfcascade train-base --export`` writes; the grid is sampled from the exported weights, at the base
+size, for captions whose concepts are in the data set's eval split (never trained on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .grid import make_grid
+from .io import save_png
+
+#: Concepts of the eval split (held out of every training run), one caption per style.
+HELD_OUT_CAPTIONS = (
+    "grinning face, cheerful, cheery, twemoji style",
+    "banana, fruit, potassium, fluent style",
+    "lemon, citrus, fruit, noto style",
+    "orange heart, 143, twemoji style",
+    "full moon, space, noto style",
+    "four leaf clover, 4, four-leaf, openmoji style",
+    "dolphin, animal, beach, fluent style",
+    "cloud, weather, twemoji style",
+)
+SAMPLES_PNG = "samples.png"
+
+
+def sample_grid(model_dir: Path, captions: Sequence[str] = HELD_OUT_CAPTIONS, seeds: Sequence[int] = (0, 1, 2, 3),
+                steps: int = 50, guidance_scale: float | None = None, cell: int = 64):
+    """One row per caption, one column per seed, at the model's base size."""
+    from .pipeline import SelfCascadePipeline
+
+    cascade = SelfCascadePipeline.from_pretrained(model_dir, device="cpu", dtype=torch.float32)
+    size = cascade.backbone.base_size
+    rows = []
+    for caption in captions:
+        out = cascade(caption, *size, mode="direct", num_inference_steps=steps, guidance_scale=guidance_scale,
+                      seed=list(seeds), num_images_per_prompt=len(seeds), progress=False)
+        rows.append(out.images)
+    labels = [c.split(",")[0][:13] + " / " + c.rsplit(",", 1)[-1].replace(" style", "").strip() for c in captions]
+    return make_grid(rows, labels, [f"seed {s}" for s in seeds], cell=cell)
+
+
+def card_text(info: dict, captions: Sequence[str]) -> str:
+    hours = info.get("train_seconds", 0) / 3600
+    lines = [
+        "# selfcascade embedded model",
+        "",
+        "A small text-to-image diffusion model in pixel space, trained by this project so that",
+        "selfcascade runs on a fresh machine with no downloads. It exists to make the self-cascade",
+        "measurable offline; it is not a general-purpose image model.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| architecture | diffusers UNet2DConditionModel, {info['parameters']:,} parameters, pixel space, "
+        f"{info['base_size']}x{info['base_size']} base size, attention only at the 4x4 level and the mid block |",
+        f"| text encoder | {info['text_encoder']} (all-MiniLM-L6-v2, frozen), per-token states, {info['max_length']} tokens |",
+        f"| data | {info['data']}; captions `{info['caption_format']}` |",
+        f"| training | {info['train_steps']:,} steps, batch {info['batch_size']}, AdamW lr {info['learning_rate']}, "
+        f"EMA {info['ema_max_decay']}, caption dropout {info['caption_dropout']} (for guidance) |",
+        f"| wall time | {hours:.1f} h of training on {info.get('hardware', 'unrecorded hardware')} |",
+        "| objective | epsilon prediction, DDPM linear betas 1e-4..0.02, 1000 steps |",
+        "| licence | code Apache-2.0; weights inherit the artwork licences (CC BY-SA 4.0, CC BY 4.0, Apache-2.0, MIT) |",
+        "",
+        f"![samples]({SAMPLES_PNG})",
+        "",
+        f"`{SAMPLES_PNG}`: held-out captions (their concepts are in the eval split, never trained on), "
+        "base size, 50 DDIM steps, default guidance, seeds 0-3. Regenerate with "
+        "`python -m selfcascade.model_card DIR`.",
+        "",
+        "Captions:",
+        "",
+        *[f"- {c}" for c in captions],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_card(model_dir: str | os.PathLike, captions: Sequence[str] = HELD_OUT_CAPTIONS,
+                     steps: int = 50) -> Path:
+    model_dir = Path(model_dir)
+    info_path = model_dir / "selfcascade_model.json"
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{info_path} not found: export a model first (`selfcascade train-base --export DIR`).")
+    info = json.loads(info_path.read_text())
+    save_png(sample_grid(model_dir, captions, steps=steps), model_dir / SAMPLES_PNG)
+    readme = model_dir / "README.md"
+    tmp = readme.with_name(".README.md.tmp")
+    tmp.write_text(card_text(info, captions))
+    os.replace(tmp, readme)
+    return readme
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m selfcascade.model_card", description=__doc__.split("\n")[0])
+    parser.add_argument("model_dir", type=Path, help="an exported embedded model folder")
+    parser.add_argument("--steps", type=int, default=50)
+    args = parser.parse_args(argv)
+    print(write_model_card(args.model_dir, steps=args.steps))
+
+
+if __name__ == "__main__":
+    main()

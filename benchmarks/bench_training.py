@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> list[dict] | None:
     if cascade is None:
         return None
     bb = cascade.backbone
+    bb.freeze()  # the base is frozen in upsampler tuning, as in train-upsamplers
     device = bb.device
     size = args.size or bb.base_size[0] * 2
     gen = torch.Generator().manual_seed(0)

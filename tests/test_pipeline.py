@@ -81,7 +81,7 @@ def test_output_types_agree(sd, sd_64):
 
     assert [tuple(s.shape) for s in latent.stages] == [(1, 4, 16, 16), (1, 4, 32, 32)]
     assert latent.images is latent.stages[-1]
-    decoded = sd.backbone.decode(latent.images).permute(0, 2, 3, 1).numpy()
+    decoded = sd.backbone.decode(latent.images).detach().permute(0, 2, 3, 1).numpy()
     np.testing.assert_allclose(decoded, sd_64.images, atol=1e-6)
 
 
@@ -122,7 +122,7 @@ def test_stage0_does_not_depend_on_the_rest_of_the_plan(sd, sd_64):
     direct_32 = sd(PROMPT, 32, 32, seed=0, mode="direct", output_type="latent", **FAST)
     torch.testing.assert_close(direct_32.images, to_128.stages[0], rtol=0, atol=0)
     for r in (0, 1):  # stage 1 too: the same size in both plans
-        decoded = sd.backbone.decode(to_128.stages[r]).permute(0, 2, 3, 1).numpy()
+        decoded = sd.backbone.decode(to_128.stages[r]).detach().permute(0, 2, 3, 1).numpy()
         np.testing.assert_array_equal(decoded, sd_64.stages[r])
     assert to_128.stages[2].shape == (1, 4, 64, 64)
 
@@ -278,6 +278,16 @@ def test_users_pipe_is_unchanged(tiny_sd):
         assert (tiny_sd.vae.use_tiling, tiny_sd.vae.use_slicing) == (False, False)
     # "pipeline" keeps (and shares) the pipe's own scheduler
     assert SelfCascadePipeline.from_pipe(tiny_sd, scheduler="pipeline").backbone.scheduler is scheduler
+
+
+def test_wrapping_leaves_training_flags_and_freeze_sets_them(tiny_sd_fresh):
+    pipe = tiny_sd_fresh
+    pipe.unet.train()
+    cascade = SelfCascadePipeline.from_pipe(pipe)
+    assert pipe.unet.training and all(p.requires_grad for p in pipe.unet.parameters())
+    cascade.backbone.freeze()
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        assert not module.training and not any(p.requires_grad for p in module.parameters())
 
 
 # ------------------------------------------------------------------------------- errors

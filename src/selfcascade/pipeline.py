@@ -201,6 +201,7 @@ class SelfCascadePipeline:
         return scales
 
     # -------------------------------------------------------------------------------- call
+    @torch.no_grad()
     def __call__(
         self,
         prompt: str | list[str],

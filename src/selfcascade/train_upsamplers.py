@@ -261,6 +261,7 @@ def train(args: argparse.Namespace, data: ImageCaptions | None = None) -> dict:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     cascade = SelfCascadePipeline.from_pretrained(args.model, device=device, dtype=weight_dtype)
     bb = cascade.backbone
+    bb.freeze()
     low, high = _sizes(bb, args.scale, args.size)
     k = resolve_k(bb.scheduler.config.num_train_timesteps, args.K)
     run_dir = Path(args.run_dir)

@@ -48,8 +48,19 @@ class Backbone:
     def __init__(self, unet: torch.nn.Module, scheduler: Any) -> None:
         self.unet = unet
         self.scheduler = scheduler
-        self.unet.requires_grad_(False)
-        self.unet.eval()
+
+    def freeze(self) -> None:
+        """Eval mode and no gradients for every model of the backbone (training banks needs a frozen base).
+
+        Not done on wrapping: ``from_pipe`` leaves the user's pipeline as it was; sampling runs under no_grad.
+        """
+        for module in self.modules():
+            module.requires_grad_(False)
+            module.eval()
+
+    def modules(self) -> list[torch.nn.Module]:
+        """The backbone's networks."""
+        return [self.unet]
 
     # ----------------------------------------------------------------------------- properties
     @property

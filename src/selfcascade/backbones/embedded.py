@@ -54,6 +54,9 @@ class EmbeddedBackbone(Backbone):
         name = "embedded" if path is None else str(folder)
         return cls(unet, scheduler, encoder, name=name, default_guidance_scale=config.get("guidance_scale"))
 
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.unet, self.text_encoder.model]
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "EmbeddedBackbone":
         self.unet.to(device=device, dtype=dtype)
         self.text_encoder.model.to(device)

@@ -24,12 +24,14 @@ class LatentBackbone(Backbone):
         super().__init__(pipe.unet, pipe.scheduler)
         self.pipe = pipe
         self.vae = pipe.vae
-        self.vae.requires_grad_(False)
-        self.vae.eval()
         self.latent_channels = pipe.unet.config.in_channels
         self.spatial_factor = pipe.vae_scale_factor
         self.vae_tile_above = vae_tile_above
         self.name = pipe.config.get("_name_or_path") or type(pipe).__name__
+
+    def modules(self) -> list[torch.nn.Module]:
+        encoders = [getattr(self.pipe, n, None) for n in ("text_encoder", "text_encoder_2")]
+        return [self.unet, self.vae, *(e for e in encoders if e is not None)]
 
     # ------------------------------------------------------------------- latent normalisation
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:

@@ -252,3 +252,14 @@ def test_pndm_cannot_start_mid_schedule_and_says_so(tiny_sd):
     with pytest.raises(ValueError, match="PNDMScheduler") as info:
         SelfCascadePipeline.from_pipe(tiny_sd, scheduler=pndm)
     assert "ddim" in str(info.value).lower()
+
+
+def test_clipping_ddim_rederives_eps_from_the_clipped_x0() -> None:
+    from diffusers import EulerDiscreteScheduler
+
+    from selfcascade.cascade import _step_kwargs
+
+    g = [torch.Generator()]
+    assert _step_kwargs(DDIMScheduler(clip_sample=True), g) == {"generator": g, "use_clipped_model_output": True}
+    assert _step_kwargs(DDIMScheduler(clip_sample=False), g) == {"generator": g}
+    assert _step_kwargs(EulerDiscreteScheduler(), g) == {"generator": g}

@@ -98,6 +98,18 @@ def renoise(scheduler, pivot: torch.Tensor, noise: torch.Tensor, timestep: torch
     return scheduler.add_noise(pivot, noise, timestep.reshape(1).repeat(pivot.shape[0]))
 
 
+def _step_kwargs(scheduler, generator: list[torch.Generator] | None) -> dict:
+    """Extra ``scheduler.step`` arguments that the scheduler accepts."""
+    accepted = inspect.signature(scheduler.step).parameters
+    # Deterministic solvers (UniPC, DEIS, Heun, LMS...) take no generator; stochastic ones need it for seeds.
+    kwargs = {"generator": generator} if "generator" in accepted else {}
+    if "use_clipped_model_output" in accepted and scheduler.config.get("clip_sample", False):
+        # With x0 clipping (pixel-space models), DDIM must re-derive eps from the clipped x0, as guided
+        # diffusion's DDIM does; diffusers' default mixes a clipped x0 with the unclipped eps and diverges.
+        kwargs["use_clipped_model_output"] = True
+    return kwargs
+
+
 def denoise(
     backbone: Backbone,
     latents: torch.Tensor,
@@ -112,8 +124,7 @@ def denoise(
 ) -> torch.Tensor:
     """Run the scheduler over ``timesteps`` from ``latents``."""
     scheduler = backbone.scheduler
-    # Deterministic solvers (UniPC, DEIS, Heun, LMS...) take no generator; stochastic ones need it for seeds.
-    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    step_kwargs = _step_kwargs(scheduler, generator)
     for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress, leave=False)):
         noise_pred = backbone.predict_noise(latents, t, inputs, guidance_scale)
         latents = scheduler.step(noise_pred, t, latents, return_dict=False, **step_kwargs)[0]

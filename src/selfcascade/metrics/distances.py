@@ -87,7 +87,9 @@ def kernel_inception_distance(feats_a: Features, feats_b: Features, subsets: int
     Follows Binkowski et al. 2018 as implemented by torchmetrics and clean-fid: ``subsets`` times,
     draw ``subset_size`` rows of each set without replacement (clipped to the smaller set) and
     average the unbiased estimator, whose expectation is exactly 0 when both sets come from one
-    distribution, so a single value can be negative. The std is the population std over subsets
+    distribution, so a single value can be negative. A set compared with itself scores
+    2 / (m - 1) * (mean(K) - mean(diag K)) <= 0 for its kernel matrix K, not exactly 0: the
+    estimator treats the two copies as independent samples. The std is the population std over subsets
     (as torchmetrics reports it); it measures subset-sampling spread, not a confidence interval.
     """
     x = _as_features(feats_a, "feats_a")

@@ -179,8 +179,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     paths = _output_paths(args.output, args.seeds)  # before loading a model, so a typo costs nothing
     if args.no_progress:
         from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
 
         diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
     cascade = _load(args)
     cascade.max_ratio = args.max_ratio
     bb = cascade.backbone

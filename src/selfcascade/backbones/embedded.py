@@ -58,7 +58,10 @@ class EmbeddedBackbone(Backbone):
         return [self.unet, self.text_encoder.model]
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "EmbeddedBackbone":
-        self.unet.to(device=device, dtype=dtype)
+        # diffusers warns on any .to(dtype=...), even a no-op one; only cast when it changes something.
+        self.unet.to(device)
+        if dtype is not None and dtype != self.dtype:
+            self.unet.to(dtype=dtype)
         self.text_encoder.model.to(device)
         self.text_encoder.device = torch.device(device)
         return self

@@ -101,25 +101,34 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def write(rows: list[dict], args: argparse.Namespace) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"inference_{Path(args.model).name}"
+def device_name(threads: int) -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {threads} threads)"
+
+
+def write_results(stem: Path, rows: list[dict], markdown: list[str]) -> None:
+    """``stem``.csv from the rows and ``stem``.md from the lines."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {args.threads} threads)"
+    stem.with_suffix(".md").write_text("\n".join(markdown) + "\n")
+    print(f"wrote {stem}.md and .csv")
+
+
+def write(rows: list[dict], args: argparse.Namespace) -> None:
     lines = [
         f"# Inference cost: direct vs tuning-free ({args.model})", "",
-        f"Device: {device}; torch {torch.__version__}; {args.steps} DDIM steps, guidance {args.guidance}, "
+        f"Device: {device_name(args.threads)}; torch {torch.__version__}; {args.steps} DDIM steps, guidance {args.guidance}, "
         f"batch 1, median of {args.repeats} after one warm-up. Command: `python benchmarks/bench_inference.py "
         f"--model {args.model} --ratios {' '.join(map(str, args.ratios))} --steps {args.steps} --repeats {args.repeats}`.", "",
         "| pixels | size | mode | stages | s / image | x direct | peak MiB |", "|---|---|---|---|---|---|---|",
     ]
     lines += [f"| {r['ratio']}x | {r['size']} | {r['mode']} | {r['stages']} | {r['seconds_median']} | "
               f"{r['vs_direct']} | {r['peak_mib']} |" for r in rows]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {stem}.md and .csv")
+    write_results(RESULTS / f"inference_{Path(args.model).name}", rows, lines)
 
 
 def main() -> None:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import platform
 import statistics
 import sys
 import time
@@ -27,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench_inference import RESULTS, PeakMemory
+from bench_inference import RESULTS, PeakMemory, device_name, write_results
 from selfcascade import SelfCascadePipeline
 from selfcascade.backbones.embedded import CONFIG_NAME, SHIPPED_DIR
 from selfcascade.testing import make_tiny_sd
@@ -123,14 +121,7 @@ def run(args: argparse.Namespace) -> list[dict] | None:
 
 
 def write(rows: list[dict], args: argparse.Namespace) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"training_{Path(args.model).name}"
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    device = (torch.cuda.get_device_name() if torch.cuda.is_available()
-              else f"CPU ({platform.processor() or platform.machine()}, {args.threads} threads)")
+    device = device_name(args.threads)
     ratio = rows[1]["x_upsampler_tuning"]
     lines = [
         f"# Training cost per step: upsampler tuning vs full fine-tuning ({args.model})", "",
@@ -144,8 +135,7 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
     ]
     lines += [f"| {r['method']} | {r['trainable_params']:,} | {r['s_per_step']} | {r['x_upsampler_tuning']} | "
               f"{r['peak_mib']} |" for r in rows]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {stem}.md and .csv")
+    write_results(RESULTS / f"training_{Path(args.model).name}", rows, lines)
 
 
 def main() -> None:

@@ -17,8 +17,6 @@ Results: benchmarks/results/modes_<model>.{md,csv} and a grid of the first capti
 from __future__ import annotations
 
 import argparse
-import csv
-import platform
 import random
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench_inference import RESULTS
+from bench_inference import RESULTS, device_name, write_results
 from selfcascade import SelfCascadePipeline
 from selfcascade.data.emoji import default_cache_dir, image_path, read_manifest
 from selfcascade.grid import make_grid
@@ -87,14 +85,10 @@ def run(args: argparse.Namespace) -> tuple[list[dict], Image.Image]:
 
 
 def write(rows: list[dict], grid: Image.Image, args: argparse.Namespace) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"modes_{Path(args.model).name}"
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    stem.parent.mkdir(parents=True, exist_ok=True)
     grid.save(stem.with_suffix(".png"))
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()}, {args.threads} threads)"
+    device = device_name(args.threads)
     lines = [
         f"# Direct vs self-cascade on the eval split ({args.model})", "",
         f"{args.num} eval captions (seed {args.seed}), one image each; {args.num_real} real eval images per "
@@ -106,8 +100,7 @@ def write(rows: list[dict], grid: Image.Image, args: argparse.Namespace) -> None
           for r in rows],
         "", f"![grid]({stem.with_suffix('.png').name})", "",
     ]
-    stem.with_suffix(".md").write_text("\n".join(lines))
-    print(f"wrote {stem}.md, .csv and .png")
+    write_results(stem, rows, lines)
 
 
 def main() -> None:

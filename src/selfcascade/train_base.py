@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from selfcascade.checkpoints import find_checkpoint, load_optimizer, read_checkpoint_state, step_generator, write_checkpoint
+from selfcascade.commands import add_command, run_module
 from selfcascade.data.emoji import STYLES
 from selfcascade.text_encoder import DEFAULT_MAX_LENGTH, ENCODER_NAME, HIDDEN_SIZE
 
@@ -341,20 +342,11 @@ def run(args: argparse.Namespace) -> None:
 
 
 def register_cli(subparsers: "argparse._SubParsersAction") -> None:
-    """Add ``train-base`` to a CLI's subparsers."""
-    parser = subparsers.add_parser("train-base", help="train the embedded 32 px base model (resumable)",
-                                   description=__doc__.split("\n")[0],
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser)
-    parser.set_defaults(func=run)
+    add_command(subparsers, "train-base", "train the embedded 32 px base model (resumable)", __doc__, add_arguments, run)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m selfcascade.train_base", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(args)
+    run_module("python -m selfcascade.train_base", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

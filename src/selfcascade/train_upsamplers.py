@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from .backbones.base import Backbone, PromptEmbeds
 from .cascade import resolve_k
 from .checkpoints import find_checkpoint, load_optimizer, read_checkpoint_state, step_generator, write_checkpoint
+from .commands import add_command, run_module
 from .unet_features import inject, pivot_features
 from .upsamplers import DEFAULT_TIME_WIDTH, DEFAULT_WIDTH, UpsamplerBank
 
@@ -399,21 +400,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers: "argparse._SubParsersAction") -> None:
-    """Add ``train-upsamplers`` to a CLI's subparsers."""
-    parser = subparsers.add_parser("train-upsamplers", help="tune a feature-upsampler bank (the tuned self-cascade)",
-                                   description=__doc__.split("\n")[0],
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser)
-    parser.set_defaults(func=run)
+    add_command(subparsers, "train-upsamplers", "tune a feature-upsampler bank (the tuned self-cascade)", __doc__, add_arguments, run)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m selfcascade.train_upsamplers", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(args)
+    run_module("python -m selfcascade.train_upsamplers", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

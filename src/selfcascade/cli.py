@@ -11,6 +11,9 @@ from typing import Sequence
 
 from .plan import DEFAULT_MAX_RATIO, make_plan
 
+#: Every value of ``SelfCascadePipeline.__call__(mode=...)`` (kept here so --help needs no torch import).
+MODES = ["tuning-free", "direct", "tuned", "attn-sf", "redilate", "hires-fix"]
+
 logger = logging.getLogger("selfcascade")
 
 DTYPES = {"auto": None, "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -101,8 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", help="what to draw")
     _add_size_args(g)
     _add_model_args(g)
-    g.add_argument("--mode", choices=["tuning-free", "direct", "tuned"], default="tuning-free",
-                   help="tuning-free: the cascade; tuned: the cascade with --upsamplers; direct: one pass at the target size (the baseline)")
+    g.add_argument("--mode", choices=MODES, default="tuning-free",
+                   help="tuning-free: the cascade; tuned: the cascade with --upsamplers; baselines: direct (one pass at "
+                        "the target size), attn-sf (direct, attention scaled as Jin et al. 2023), redilate (direct, "
+                        "ScaleCrafter's dilated convolutions), hires-fix (base sample, upscale, img2img at --strength)")
     g.add_argument("--upsamplers", default=None,
                    help="feature-upsampler bank for --mode tuned: a folder or hub id (see `selfcascade train-upsamplers`)")
     g.add_argument("--steps", type=int, default=50, help="scheduler steps of a full schedule; later stages run the part <= K")
@@ -110,8 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale, or one per stage (7.5,5,3); default: the model's")
     g.add_argument("--K", type=int, default=None, help="step the pivot is re-noised to, of T=1000 (default 700)")
     g.add_argument("--noise-level", type=float, default=None, help="K as a fraction of T, in (0, 1] (instead of --K)")
-    g.add_argument("--pivot-space", choices=["latent", "pixel"], default="latent",
-                   help="upsample the pivot bilinearly in latent space (paper) or decode-resize-encode")
+    g.add_argument("--pivot-space", choices=["latent", "pixel"], default=None,
+                   help="upsample the pivot bilinearly in latent space (paper; the default) or decode-resize-encode "
+                        "(the default of --mode hires-fix)")
+    g.add_argument("--strength", type=float, default=None,
+                   help="img2img strength of --mode hires-fix, in (0, 1]: K = strength * T (default 0.55)")
     g.add_argument("--negative-prompt", default=None, help="what to steer away from")
     g.add_argument("--seeds", type=parse_seeds, default=[0], help="one image per seed: 7, 0-3 or 1,5,9")
     g.add_argument("--save-stages", action="store_true", help="also write every stage's image (-stageN.png)")
@@ -135,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(c)
     c.add_argument("--sizes", type=int, nargs="+", default=None,
                    help="square target sides in pixels (default: 2x, 4x and 8x the base side)")
-    c.add_argument("--modes", nargs="+", choices=["direct", "tuning-free", "tuned"], default=["direct", "tuning-free"])
+    c.add_argument("--modes", nargs="+", choices=MODES, default=["direct", "tuning-free"])
     c.add_argument("--upsamplers", default=None, help="feature-upsampler bank (folder or hub id) for the tuned row")
     c.add_argument("--steps", type=int, default=50, help="scheduler steps of a full schedule")
     c.add_argument("--guidance", type=parse_guidance, default=None, help="guidance scale (default: the model's)")
@@ -194,7 +202,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(json.dumps({
             "model": bb.name, "device": str(bb.device), "dtype": str(bb.dtype).replace("torch.", ""),
             "mode": args.mode, "height": height, "width": width, "steps": args.steps, "guidance": guidance,
-            "K": args.K, "noise_level": args.noise_level, "pivot_space": args.pivot_space,
+            "K": args.K, "noise_level": args.noise_level, "pivot_space": args.pivot_space, "strength": args.strength,
             "scheduler": type(bb.scheduler).__name__, "seeds": args.seeds, "outputs": [str(p) for p in paths],
             "upsamplers": args.upsamplers,
         }, indent=2))
@@ -204,7 +212,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     result = cascade(
         args.prompt, height, width, mode=args.mode, negative_prompt=args.negative_prompt,
         num_images_per_prompt=len(args.seeds), num_inference_steps=args.steps, guidance_scale=guidance,
-        K=args.K, noise_level=args.noise_level, pivot_space=args.pivot_space, seed=args.seeds,
+        K=args.K, noise_level=args.noise_level, pivot_space=args.pivot_space, strength=args.strength, seed=args.seeds,
         return_stages=args.save_stages, progress=not args.no_progress, upsamplers=args.upsamplers,
     )
     for i, (seed, path) in enumerate(zip(result.seeds, paths)):

@@ -4,8 +4,9 @@
     cascade = SelfCascadePipeline.from_pipe(pipe)
     image = cascade("a photo of a corgi", height=2048, width=2048, seed=0).images[0]
 
-Every mode (direct, tuning-free, tuned) is a configuration of the same run through ``sample_cascade``;
-tuned mode adds a bank of feature upsamplers (``selfcascade.upsamplers``) to stages r >= 1.
+Every mode (direct, tuning-free, tuned, and the baselines attn-sf, redilate, hires-fix) is a configuration
+of the same run through ``sample_cascade``; tuned mode adds a bank of feature upsamplers
+(``selfcascade.upsamplers``) to stages r >= 1, the baselines are described in ``selfcascade.baselines``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from PIL import Image
 
 from .backbones import Backbone, backbone_from_pipe
+from .baselines import BASELINE_MODES, baseline_context, hires_fix
 from .cascade import PivotSpace, StepCallback, check_scheduler, resolve_k, sample_cascade
 from .plan import DEFAULT_MAX_RATIO, ScalePlan, make_plan
 from .unet_features import tuned_stage_context
@@ -28,8 +30,10 @@ from .upsamplers import UpsamplerBank, load_bank
 
 logger = logging.getLogger(__name__)
 
-Mode = Literal["tuning-free", "direct", "tuned"]
-MODES: tuple[str, ...] = ("tuning-free", "direct", "tuned")
+Mode = Literal["tuning-free", "direct", "tuned", "attn-sf", "redilate", "hires-fix"]
+MODES: tuple[str, ...] = ("tuning-free", "direct", "tuned", *BASELINE_MODES)
+#: Modes that sample the target in one pass, from noise.
+SINGLE_STAGE_MODES = frozenset({"direct", "attn-sf", "redilate"})
 #: A bank, its folder or hub id; or one per stage r >= 1 (None: that stage runs tuning-free).
 Upsamplers = UpsamplerBank | str | os.PathLike | Sequence["UpsamplerBank | str | os.PathLike | None"]
 OutputType = Literal["pil", "np", "pt", "latent"]
@@ -135,12 +139,12 @@ class SelfCascadePipeline:
         """The stage sizes a call with this target would use."""
         return make_plan(
             self.backbone.base_size, height, width, multiple=self.backbone.size_multiple,
-            max_ratio=self.max_ratio, single_stage=mode == "direct",
+            max_ratio=self.max_ratio, single_stage=mode in SINGLE_STAGE_MODES, single_jump=mode == "hires-fix",
         )
 
     def check_inputs(
         self, prompt: Any, negative_prompt: Any, mode: str, num_inference_steps: int, num_images_per_prompt: int,
-        pivot_space: str, output_type: str,
+        pivot_space: str | None, output_type: str,
     ) -> list[str]:
         if isinstance(prompt, str):
             prompt = [prompt]
@@ -154,7 +158,7 @@ class SelfCascadePipeline:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}.")
-        if pivot_space not in ("latent", "pixel"):
+        if pivot_space not in (None, "latent", "pixel"):
             raise ValueError(f"pivot_space must be 'latent' or 'pixel', got {pivot_space!r}.")
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be one of pil, np, pt, latent, got {output_type!r}.")
@@ -215,7 +219,8 @@ class SelfCascadePipeline:
         guidance_scale: float | Sequence[float] | None = None,
         K: int | None = None,
         noise_level: float | None = None,
-        pivot_space: PivotSpace = "latent",
+        pivot_space: PivotSpace | None = None,
+        strength: float | None = None,
         seed: int | Sequence[int] | None = None,
         return_stages: bool = False,
         output_type: OutputType = "pil",
@@ -228,6 +233,9 @@ class SelfCascadePipeline:
         K (or ``noise_level`` = K/T) is how far each pivot is diffused back before it is denoised at
         the next size: higher keeps less of the pivot and invents more detail (paper: K=700 of 1000).
         ``guidance_scale`` (default: the model's own, 7.5 for SD) may be a list with one value per stage.
+        ``pivot_space``: "latent" (default, the paper) or "pixel" (decode, bicubic resize, encode; the
+        default of mode="hires-fix").
+        ``strength`` (mode="hires-fix" only, default 0.55): the img2img strength; K = strength * T.
         ``seed`` gives image i the seed ``seed + i`` (or pass one seed per image), so any image can be
         regenerated alone.
         ``upsamplers`` (mode="tuned"): a tuned feature-upsampler bank, its folder or hub id, or one per
@@ -241,7 +249,20 @@ class SelfCascadePipeline:
         height = base_h * 2 if height is None else height
         width = base_w * 2 if width is None else width
         plan = self.plan(height, width, mode)
-        k = resolve_k(bb.scheduler.config.num_train_timesteps, K, noise_level)
+        num_train_timesteps = bb.scheduler.config.num_train_timesteps
+        if mode == "hires-fix":
+            if K is not None or noise_level is not None:
+                raise ValueError("mode='hires-fix' takes strength= (the img2img strength, K = strength * T), "
+                                 "not K or noise_level.")
+            strength = hires_fix.DEFAULT_STRENGTH if strength is None else strength
+            k = hires_fix.strength_to_k(strength, num_train_timesteps)
+            pivot_space = pivot_space or hires_fix.PIVOT_SPACE
+        else:
+            if strength is not None:
+                raise ValueError(f"strength only applies to mode='hires-fix', got mode={mode!r} "
+                                 "(the cascade's equivalent is noise_level).")
+            k = resolve_k(num_train_timesteps, K, noise_level)
+            pivot_space = pivot_space or "latent"
         guidance = self._guidance(bb.default_guidance_scale if guidance_scale is None else guidance_scale,
                                   plan.num_stages)
         batch = len(prompts) * num_images_per_prompt
@@ -261,12 +282,13 @@ class SelfCascadePipeline:
             [torch.Generator(gen_device).manual_seed(stage_seed(s, r)) for s in seeds] for r in range(plan.num_stages)
         ]
 
-        # 4. sample every stage
-        result = sample_cascade(
-            bb, plan, embeds, generators, num_inference_steps=num_inference_steps, k=k,
-            guidance_scales=guidance, pivot_space=pivot_space, callback=callback, progress=progress,
-            stage_context=tuned_stage_context(bb.unet, banks) if banks is not None else None,
-        )
+        # 4. sample every stage (the attn-sf and redilate baselines alter the UNet for this call only)
+        with baseline_context(mode, bb.unet, plan, num_train_timesteps):
+            result = sample_cascade(
+                bb, plan, embeds, generators, num_inference_steps=num_inference_steps, k=k,
+                guidance_scales=guidance, pivot_space=pivot_space, callback=callback, progress=progress,
+                stage_context=tuned_stage_context(bb.unet, banks) if banks is not None else None,
+            )
 
         # 5. decode
         wanted = result.stage_latents if return_stages else result.stage_latents[-1:]
@@ -283,6 +305,8 @@ class SelfCascadePipeline:
             "scheduler": type(bb.scheduler).__name__, "stages": [list(s) for s in plan.stages],
             "prompt": prompts, "negative_prompt": negatives,
         }
+        if mode == "hires-fix":
+            settings["strength"] = strength
         if banks is not None:
             settings["upsamplers"] = [None if b is None else b.config.get("_name_or_path", "in-memory") for b in banks]
         return CascadeOutput(images=decoded[-1], plan=plan, seeds=seeds, settings=settings,

@@ -67,11 +67,13 @@ def make_plan(
     multiple: int = 8,
     max_ratio: float = DEFAULT_MAX_RATIO,
     single_stage: bool = False,
+    single_jump: bool = False,
 ) -> ScalePlan:
     """Build the stage sizes for sampling ``height x width`` with a model trained at ``base``.
 
     ``multiple`` is what every side must divide by (``vae_scale_factor * 2**downsamplings``).
     ``single_stage`` gives direct inference: one stage at the target size.
+    ``single_jump`` keeps the base stage and jumps straight to the target (upscale then img2img, "hires fix").
     """
     base_hw = (base, base) if isinstance(base, int) else tuple(base)
     for name, value in (("height", height), ("width", width), ("base height", base_hw[0]),
@@ -102,6 +104,8 @@ def make_plan(
         )
 
     num_cascade = max(0, math.ceil(math.log(ratio, 4) - _LOG_EPS))
+    if single_jump:
+        num_cascade = min(num_cascade, 1)
     aspect = width / height
     stages: list[tuple[int, int]] = []
     for r in range(num_cascade):

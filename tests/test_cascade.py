@@ -263,3 +263,24 @@ def test_clipping_ddim_rederives_eps_from_the_clipped_x0() -> None:
     assert _step_kwargs(DDIMScheduler(clip_sample=True), g) == {"generator": g, "use_clipped_model_output": True}
     assert _step_kwargs(DDIMScheduler(clip_sample=False), g) == {"generator": g}
     assert _step_kwargs(EulerDiscreteScheduler(), g) == {"generator": g}
+
+
+def test_every_stage_draws_different_noise_on_cpu() -> None:
+    """torch's CPU generator keeps only a seed's low 32 bits: stage offsets must change them."""
+    draws = [torch.randn(8, generator=torch.Generator().manual_seed(stage_seed(3, r))) for r in range(4)]
+    assert stage_seed(3, 0) == 3
+    assert all(not torch.equal(draws[i], draws[j]) for i in range(4) for j in range(i + 1, 4))
+
+
+def test_default_k_keeps_the_papers_signal_level_on_other_schedules() -> None:
+    from diffusers import DDPMScheduler
+
+    from selfcascade.schedule import matched_k
+
+    sd = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    linear = DDPMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    assert matched_k(sd.alphas_cumprod) == 700
+    k = matched_k(linear.alphas_cumprod)
+    assert k == 494
+    assert abs(linear.alphas_cumprod[k].sqrt() - sd.alphas_cumprod[700].sqrt()) < 0.005
+    assert resolve_k(1000, default=k) == 494 and resolve_k(1000, k=300, default=k) == 300

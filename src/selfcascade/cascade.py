@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .backbones.base import Backbone, PromptEmbeds
 from .plan import ScalePlan
+from .schedule import DEFAULT_K
 
 PivotSpace = Literal["latent", "pixel"]
 #: callback(stage, step_index, timestep, latents) after every denoising step.
@@ -25,8 +26,6 @@ StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 #: the denoising of stage r >= 1 (the tuned cascade attaches its feature upsamplers through it).
 StageContext = Callable[[int, torch.Tensor, dict, float], ContextManager]
 
-#: The paper's intermediate step: pivots are diffused to K = 700 of T = 1000.
-DEFAULT_K = 700
 _REQUIRED_SCHEDULER_METHODS = ("set_timesteps", "add_noise", "step", "scale_model_input")
 #: Schedulers whose step() keeps a warm-up counter that set_begin_index does not move.
 _CANNOT_START_MID_SCHEDULE = frozenset({"PNDMScheduler"})
@@ -58,8 +57,12 @@ def check_scheduler(scheduler: object) -> None:
         )
 
 
-def resolve_k(num_train_timesteps: int, k: int | None = None, noise_level: float | None = None) -> int:
-    """K from either an integer step or a fraction of the training schedule (``noise_level``)."""
+def resolve_k(num_train_timesteps: int, k: int | None = None, noise_level: float | None = None,
+              default: int | None = None) -> int:
+    """K from either an integer step or a fraction of the training schedule (``noise_level``).
+
+    Without either: ``default`` (the backbone's own, see :func:`matched_k`), else the paper's 700 of 1000.
+    """
     if k is not None and noise_level is not None:
         raise ValueError("give either K or noise_level, not both (noise_level is K / num_train_timesteps).")
     if noise_level is not None:
@@ -67,7 +70,7 @@ def resolve_k(num_train_timesteps: int, k: int | None = None, noise_level: float
             raise ValueError(f"noise_level must lie in (0, 1], got {noise_level}.")
         k = round(noise_level * num_train_timesteps)
     if k is None:
-        k = round(DEFAULT_K * num_train_timesteps / 1000)
+        k = default if default is not None else round(DEFAULT_K * num_train_timesteps / 1000)
     if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= num_train_timesteps:
         raise ValueError(f"K must be an integer in [1, {num_train_timesteps}], got {k!r}.")
     return k

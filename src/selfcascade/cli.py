@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=50, help="scheduler steps of a full schedule; later stages run the part <= K")
     g.add_argument("--guidance", type=parse_guidance, default=None,
                    help="classifier-free guidance scale, or one per stage (7.5,5,3); default: the model's")
-    g.add_argument("--K", type=int, default=None, help="step the pivot is re-noised to, of T=1000 (default 700)")
+    g.add_argument("--K", type=int, default=None, help="step the pivot is re-noised to, of T=1000 (default: 700 on SD's schedule, the same signal level on others: 494 for the embedded model)")
     g.add_argument("--noise-level", type=float, default=None, help="K as a fraction of T, in (0, 1] (instead of --K)")
     g.add_argument("--pivot-space", choices=["latent", "pixel"], default=None,
                    help="upsample the pivot bilinearly in latent space (paper; the default) or decode-resize-encode "

@@ -55,9 +55,17 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.float16
 
 
+#: Odd 64-bit constant (golden ratio) whose low 32 bits are non-zero: torch's CPU generator keeps only the
+#: low 32 bits of a seed, so stage offsets must change those.
+_STAGE_SEED_STEP = 0x9E3779B97F4A7C15
+
+
 def stage_seed(seed: int, stage: int) -> int:
-    """Each stage draws from its own stream so changing the plan's tail never shifts earlier stages."""
-    return seed + (stage << 32)
+    """Each stage draws from its own stream so changing the plan's tail never shifts earlier stages.
+
+    Stage 0 uses the seed itself, so direct inference matches the diffusers pipeline with that seed.
+    """
+    return seed if stage == 0 else (seed + stage * _STAGE_SEED_STEP) % 2**63
 
 
 @dataclass
@@ -261,7 +269,7 @@ class SelfCascadePipeline:
             if strength is not None:
                 raise ValueError(f"strength only applies to mode='hires-fix', got mode={mode!r} "
                                  "(the cascade's equivalent is noise_level).")
-            k = resolve_k(num_train_timesteps, K, noise_level)
+            k = resolve_k(num_train_timesteps, K, noise_level, default=bb.default_k)
             pivot_space = pivot_space or "latent"
         guidance = self._guidance(bb.default_guidance_scale if guidance_scale is None else guidance_scale,
                                   plan.num_stages)

@@ -264,7 +264,7 @@ def train(args: argparse.Namespace, data: ImageCaptions | None = None) -> dict:
     bb = cascade.backbone
     bb.freeze()
     low, high = _sizes(bb, args.scale, args.size)
-    k = resolve_k(bb.scheduler.config.num_train_timesteps, args.K)
+    k = resolve_k(bb.scheduler.config.num_train_timesteps, args.K, default=bb.default_k)
     run_dir = Path(args.run_dir)
     data = data if data is not None else load_data(args.data, high)
 
@@ -366,7 +366,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the emoji data set cache, train split)")
     parser.add_argument("--scale", type=float, default=4.0, help="pixel ratio of the stage to tune for (4 = 2x per side)")
     parser.add_argument("--size", type=int, default=None, help="high-res side in px (default: base side * sqrt(scale))")
-    parser.add_argument("--K", type=int, default=None, help="largest timestep trained, of T=1000 (default 700, as sampled)")
+    parser.add_argument("--K", type=int, default=None, help="largest timestep trained, of T=1000 (default: the model's sampling default, 700 on SD)")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/upsamplers"), help="checkpoints, validation grids")
     parser.add_argument("--output", type=Path, default=None, help="final bank folder (default RUN_DIR/bank)")
     parser.add_argument("--init-from", type=Path, default=None, help="start from this bank (extendable tuning)")

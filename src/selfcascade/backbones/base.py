@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..schedule import matched_k
+
 
 @dataclass
 class PromptEmbeds:
@@ -66,6 +68,16 @@ class Backbone:
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
+
+    @property
+    def default_k(self) -> int | None:
+        """K when the caller gives none: the paper's K=700 carried over to this model's noise schedule.
+
+        700 on SD/SDXL; 494 on the embedded model's DDPM-linear schedule. None if the scheduler has no
+        ``alphas_cumprod`` (then 700 of 1000 applies).
+        """
+        alphas_cumprod = getattr(self.scheduler, "alphas_cumprod", None)
+        return None if alphas_cumprod is None else matched_k(alphas_cumprod)
 
     @property
     def dtype(self) -> torch.dtype:

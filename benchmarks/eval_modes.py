@@ -54,7 +54,8 @@ def generate(cascade: SelfCascadePipeline, captions: list[str], size: int, mode:
     return torch.cat(images), (time.perf_counter() - start) / len(captions)
 
 
-def run(args: argparse.Namespace) -> tuple[list[dict], Image.Image]:
+def run(args: argparse.Namespace) -> None:
+    """Writes the results after every size, so an interrupted run keeps what it measured."""
     torch.set_num_threads(args.threads)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     eval_records = [r for r in read_manifest(cache_dir) if r["split"] == "eval"]
@@ -80,8 +81,9 @@ def run(args: argparse.Namespace) -> tuple[list[dict], Image.Image]:
             grid_rows.append([Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
                               for im in fake[:args.grid_captions]])
             grid_labels.append(f"{mode} {size}")
-    columns = [c.split(",")[0][:12] for c in captions[:args.grid_captions]]
-    return rows, make_grid(grid_rows, grid_labels, columns, cell=args.grid_cell)
+        columns = [c.split(",")[0][:12] for c in captions[:args.grid_captions]]
+        write(rows, make_grid(grid_rows, grid_labels, columns, cell=args.grid_cell), args)
+
 
 
 def write(rows: list[dict], grid: Image.Image, args: argparse.Namespace) -> None:
@@ -120,8 +122,7 @@ def main() -> None:
     parser.add_argument("--grid-captions", type=int, default=6)
     parser.add_argument("--grid-cell", type=int, default=96)
     args = parser.parse_args()
-    rows, grid = run(args)
-    write(rows, grid, args)
+    run(args)
 
 
 if __name__ == "__main__":

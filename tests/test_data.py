@@ -146,3 +146,20 @@ def test_loader_batches_images_and_embeddings(cache: Path) -> None:
     assert uncond_hidden.shape == (4, 384) and uncond_mask.tolist() == [True, False, False, False]
     with pytest.raises(FileNotFoundError, match="data build --sizes 128"):
         EmojiDataset(cache, size=128, split="train", max_length=4, encoder=_FakeEncoder())
+
+
+def test_zoomed_windows_are_crops_of_the_2x_rendering(cache: Path) -> None:
+    from selfcascade.data.loader import EmojiDataset
+
+    _build(cache)
+    train = EmojiDataset(cache, size=32, split="train", max_length=4, encoder=_FakeEncoder())
+    idx = torch.tensor([0, len(train) - 1, 0])
+    crops = train.zoomed(idx, torch.Generator().manual_seed(0))
+    assert crops.shape == (3, 3, 32, 32) and crops.min() >= -1 and crops.max() <= 1
+    again = train.zoomed(idx, torch.Generator().manual_seed(0))
+    assert torch.equal(crops, again)
+    big = train.zoom_images[0].float() / 127.5 - 1  # [3, 64, 64]
+    windows = big.unfold(1, 32, 1).unfold(2, 32, 1)  # [3, 33, 33, 32, 32]
+    assert any(torch.equal(windows[:, y, x], crops[0]) for y in range(33) for x in range(33))
+    with pytest.raises(FileNotFoundError, match="data build --sizes 128"):
+        train.zoomed(idx, torch.Generator(), zoom=4)

@@ -38,6 +38,10 @@ class TinyData:
     def batch(self, idx: torch.Tensor):
         return self.images[idx], self.hidden[idx], self.mask[idx]
 
+    def zoomed(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        self.zoom_calls = getattr(self, "zoom_calls", 0) + len(idx)
+        return torch.zeros(len(idx), 3, 8, 8)
+
     def uncond(self):
         return torch.zeros(4, 384), torch.tensor([True, True, False, False])
 
@@ -136,3 +140,13 @@ def test_model_card_needs_an_exported_model(tmp_path: Path) -> None:
 
     with pytest.raises(FileNotFoundError, match="train-base --export"):
         write_model_card(tmp_path)
+
+
+def test_zoom_prob_swaps_in_zoomed_windows(tmp_path: Path) -> None:
+    data = TinyData()
+    train_base.train(_args(tmp_path / "off", "--max-steps", "1"), data)
+    assert getattr(data, "zoom_calls", 0) == 0
+    train_base.train(_args(tmp_path / "on", "--max-steps", "2", "--zoom-prob", "1"), data)
+    assert data.zoom_calls == 2 * 4  # every image of both batches of 4
+    state = json.loads((tmp_path / "on" / "checkpoint" / "state.json").read_text())
+    assert state["args"]["zoom_prob"] == 1.0

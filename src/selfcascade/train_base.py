@@ -162,6 +162,7 @@ def _card_info(state: dict) -> dict:
         "learning_rate": state["args"]["lr"],
         "ema_max_decay": state["args"]["ema_decay"],
         "caption_dropout": state["args"]["caption_dropout"],
+        "zoom_prob": state["args"].get("zoom_prob", 0.0),
         "data": "selfcascade emoji data set, train split (OpenMoji, Twemoji, Noto, Fluent)",
         "caption_format": "<CLDR label>, <up to 2 tags>, <style>",
         "styles": list(STYLES.values()),
@@ -233,7 +234,7 @@ def train(args: argparse.Namespace, dataset=None) -> dict:
     state["unet_config"] = {k: (list(v) if isinstance(v, tuple) else v)
                             for k, v in unet.config.items() if not k.startswith("_")}
     state["args"] = {k: getattr(args, k) for k in ("batch_size", "lr", "warmup", "ema_decay", "caption_dropout",
-                                                    "seed", "max_length")}
+                                                    "seed", "max_length", "zoom_prob")}
     state["hardware"] = _hardware(accelerator)
 
     unet.to(device)
@@ -263,6 +264,10 @@ def train(args: argparse.Namespace, dataset=None) -> dict:
         drop = torch.rand(args.batch_size, generator=g) < args.caption_dropout
         hidden = torch.where(drop[:, None, None], uncond_hidden.expand_as(hidden), hidden)
         mask = torch.where(drop[:, None], uncond_mask.expand_as(mask), mask)
+        if args.zoom_prob > 0:  # no extra draws otherwise, so older runs resume exactly
+            zoom = torch.rand(args.batch_size, generator=g) < args.zoom_prob
+            if zoom.any():
+                images[zoom] = dataset.zoomed(idx[zoom], g)
         for group in optimizer.param_groups:  # linear warm-up, then constant
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         loss = training_loss(unet, scheduler, images.to(device), hidden.to(device), mask.to(device), g)
@@ -320,6 +325,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-clip", type=float, default=1.0)
     parser.add_argument("--ema-decay", type=float, default=0.998)
     parser.add_argument("--caption-dropout", type=float, default=0.1, help="for classifier-free guidance")
+    parser.add_argument("--zoom-prob", type=float, default=0.0,
+                        help="share of a batch shown as random 32 px windows of the 64 px renderings (parts at 2x "
+                             "scale, what cascade stages ask the model to denoise)")
     parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="caption tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=100)

@@ -24,6 +24,20 @@ def caption_cache_path(cache_dir: Path, max_length: int = DEFAULT_MAX_LENGTH) ->
     return Path(cache_dir) / f"captions_minilm_l{max_length}.safetensors"
 
 
+def load_images(cache_dir: Path, records: list[dict], size: int, split: str | None) -> torch.Tensor:
+    """uint8 [N, 3, size, size] of the records' renderings."""
+    missing = [r["id"] for r in records if not image_path(cache_dir, size, r["id"]).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} image(s) at {size} px are missing under {cache_dir}/images/{size} "
+            f"(e.g. {missing[0]}); run `selfcascade data build --sizes {size}`"
+        )
+    return torch.from_numpy(np.stack([
+        np.asarray(Image.open(image_path(cache_dir, size, r["id"])).convert("RGB"))
+        for r in tqdm(records, desc=f"loading {split or 'all'} {size} px", unit="img", mininterval=2)
+    ])).permute(0, 3, 1, 2).contiguous()
+
+
 class EmojiDataset(torch.utils.data.Dataset):
     """Images of one split at one size (uint8 [N, 3, S, S]) and their caption embeddings.
 
@@ -45,22 +59,15 @@ class EmojiDataset(torch.utils.data.Dataset):
         all_captions = [r["caption"] for r in records]
         if split is not None:
             records = [r for r in records if r["split"] == split]
-        missing = [r["id"] for r in records if not image_path(cache_dir, size, r["id"]).exists()]
-        if missing:
-            raise FileNotFoundError(
-                f"{len(missing)} image(s) at {size} px are missing under {cache_dir}/images/{size} "
-                f"(e.g. {missing[0]}); run `selfcascade data build --sizes {size}`"
-            )
         if not records:
             raise ValueError(f"no {split!r} records in the manifest under {cache_dir}")
         self.records = records
         self.size = size
+        self.cache_dir, self.split = cache_dir, split
+        self.images = load_images(cache_dir, records, size, split)  # first: a missing image fails fast
         self.captions = CaptionCache.build(all_captions,
                                            caption_cache_path(cache_dir, max_length), encoder)
-        self.images = torch.from_numpy(np.stack([
-            np.asarray(Image.open(image_path(cache_dir, size, r["id"])).convert("RGB"))
-            for r in tqdm(records, desc=f"loading {split or 'all'} {size} px", unit="img", mininterval=2)
-        ])).permute(0, 3, 1, 2).contiguous()
+        self.zoom_images: torch.Tensor | None = None
         self.caption_index = torch.tensor([self.captions.index[r["caption"]] for r in records])
 
     def __len__(self) -> int:
@@ -75,6 +82,22 @@ class EmojiDataset(torch.utils.data.Dataset):
         images = self.images[indices].float() / 127.5 - 1.0
         c = self.caption_index[indices]
         return images, self.captions.hidden[c].float(), self.captions.mask[c]
+
+    def zoomed(self, indices: torch.Tensor, generator: torch.Generator, zoom: int = 2) -> torch.Tensor:
+        """Random ``size``-px windows of the images rendered ``zoom`` times larger, in [-1, 1].
+
+        Shows the base model parts of each emoji at ``zoom``x their usual scale, which is what a
+        cascade's higher-resolution stages ask it to denoise (a model that only saw whole emoji
+        filling the frame breaks an upsampled pivot into small copies).
+        """
+        if self.zoom_images is None or self.zoom_images.shape[-1] != self.size * zoom:
+            self.zoom_images = load_images(self.cache_dir, self.records, self.size * zoom, self.split)
+        big = self.zoom_images[indices]
+        span = big.shape[-1] - self.size + 1
+        ys = torch.randint(0, span, (len(indices),), generator=generator).tolist()
+        xs = torch.randint(0, span, (len(indices),), generator=generator).tolist()
+        crops = [img[:, y:y + self.size, x:x + self.size] for img, y, x in zip(big, ys, xs)]
+        return torch.stack(crops).float() / 127.5 - 1.0
 
     def uncond(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The empty prompt's (hidden [L, 384], mask [L]): the classifier-free-guidance context."""

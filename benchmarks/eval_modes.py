@@ -27,19 +27,14 @@ from PIL import Image
 
 from bench_inference import RESULTS, device_name, write_results
 from selfcascade import SelfCascadePipeline
-from selfcascade.data.emoji import default_cache_dir, image_path, read_manifest
+from selfcascade.data.emoji import default_cache_dir, read_manifest
+from selfcascade.data.loader import load_images
 from selfcascade.grid import make_grid
 from selfcascade.metrics import resize_images, sliced_wasserstein_distance
 
 
 def load_real(records: list[dict], size: int, cache_dir: Path) -> torch.Tensor:
-    paths = [image_path(cache_dir, size, r["id"]) for r in records]
-    missing = [p for p in paths if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} eval images at {size} px are missing (e.g. {missing[0]}); "
-                                f"run `selfcascade data build --sizes {size}`")
-    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+    return load_images(cache_dir, records, size, "eval").float() / 255
 
 
 def generate(cascade: SelfCascadePipeline, captions: list[str], size: int, mode: str, args) -> tuple[torch.Tensor, float]:

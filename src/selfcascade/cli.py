@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=50, help="scheduler steps of a full schedule; later stages run the part <= K")
     g.add_argument("--guidance", type=parse_guidance, default=None,
                    help="classifier-free guidance scale, or one per stage (7.5,5,3); default: the model's")
-    g.add_argument("--K", type=int, default=None, help="step the pivot is re-noised to, of T=1000 (default: 700 on SD's schedule, the same signal level on others: 494 for the embedded model)")
+    g.add_argument("--K", type=int, default=None,
+                   help="step the pivot is re-noised to, of T=1000 (default: 700 on SD's schedule, the same "
+                        "signal level on others: 494 for the embedded model)")
     g.add_argument("--noise-level", type=float, default=None, help="K as a fraction of T, in (0, 1] (instead of --K)")
     g.add_argument("--pivot-space", choices=["latent", "pixel"], default=None,
                    help="upsample the pivot bilinearly in latent space (paper; the default) or decode-resize-encode "
@@ -251,14 +253,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     bb = cascade.backbone
     base = bb.base_size[0]
     sizes = args.sizes or [base * 2, base * 4, base * 8]
-    guidance = args.guidance if args.guidance is not None else bb.default_guidance_scale
     cells = []
     for mode in args.modes:
         row = []
         for size in sizes:
             logger.info("%s at %dx%d", mode, size, size)
             out = cascade(args.prompt, size, size, mode=mode, num_inference_steps=args.steps,
-                          guidance_scale=guidance, seed=args.seed,
+                          guidance_scale=args.guidance, seed=args.seed,
                           upsamplers=args.upsamplers if mode == "tuned" else None)
             row.append(out.images[0])
         cells.append(row)

@@ -85,18 +85,13 @@ def load_image_folder(folder: Path, size: int) -> ImageCaptions:
 
 def load_manifest(cache_dir: Path, size: int, split: str = "train") -> ImageCaptions:
     """The embedded emoji data set's ``split`` at ``size`` px (rendered from SVG: true high-res ground truth)."""
-    from .data.emoji import image_path, read_manifest
+    from .data.emoji import read_manifest
+    from .data.loader import load_images
 
     records = [r for r in read_manifest(cache_dir) if r["split"] == split]
     if not records:
         raise ValueError(f"no {split!r} records in the manifest under {cache_dir}")
-    missing = [r["id"] for r in records if not image_path(cache_dir, size, r["id"]).exists()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} image(s) at {size} px are missing under {cache_dir} (e.g. {missing[0]}); "
-                                f"render them with `selfcascade data build --sizes {size}`")
-    images = np.stack([np.asarray(Image.open(image_path(cache_dir, size, r["id"])).convert("RGB"))
-                       for r in tqdm(records, desc=f"loading {split} {size} px", mininterval=2)])
-    return ImageCaptions(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), [r["caption"] for r in records])
+    return ImageCaptions(load_images(cache_dir, records, size, split), [r["caption"] for r in records])
 
 
 def load_data(data: Path | None, size: int, split: str = "train") -> ImageCaptions:

@@ -38,8 +38,9 @@ class TinyData:
     def batch(self, idx: torch.Tensor):
         return self.images[idx], self.hidden[idx], self.mask[idx]
 
-    def zoomed(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def zoomed(self, idx: torch.Tensor, generator: torch.Generator, zoom: int = 2) -> torch.Tensor:
         self.zoom_calls = getattr(self, "zoom_calls", 0) + len(idx)
+        self.zooms = getattr(self, "zooms", set()) | {zoom}
         return torch.zeros(len(idx), 3, 8, 8)
 
     def uncond(self):
@@ -150,3 +151,8 @@ def test_zoom_prob_swaps_in_zoomed_windows(tmp_path: Path) -> None:
     assert data.zoom_calls == 2 * 4  # every image of both batches of 4
     state = json.loads((tmp_path / "on" / "checkpoint" / "state.json").read_text())
     assert state["args"]["zoom_prob"] == 1.0
+    assert data.zooms == {2}
+    mixed = TinyData()
+    train_base.train(_args(tmp_path / "mixed", "--max-steps", "3", "--zoom-prob", "1", "--zoom-factors", "2", "4"),
+                     mixed)
+    assert mixed.zoom_calls == 3 * 4 and mixed.zooms == {2, 4}

@@ -163,6 +163,7 @@ def _card_info(state: dict) -> dict:
         "ema_max_decay": state["args"]["ema_decay"],
         "caption_dropout": state["args"]["caption_dropout"],
         "zoom_prob": state["args"].get("zoom_prob", 0.0),
+        "zoom_factors": state["args"].get("zoom_factors", [2]),
         "data": "selfcascade emoji data set, train split (OpenMoji, Twemoji, Noto, Fluent)",
         "caption_format": "<CLDR label>, <up to 2 tags>, <style>",
         "styles": list(STYLES.values()),
@@ -234,7 +235,7 @@ def train(args: argparse.Namespace, dataset=None) -> dict:
     state["unet_config"] = {k: (list(v) if isinstance(v, tuple) else v)
                             for k, v in unet.config.items() if not k.startswith("_")}
     state["args"] = {k: getattr(args, k) for k in ("batch_size", "lr", "warmup", "ema_decay", "caption_dropout",
-                                                    "seed", "max_length", "zoom_prob")}
+                                                    "seed", "max_length", "zoom_prob", "zoom_factors")}
     state["hardware"] = _hardware(accelerator)
 
     unet.to(device)
@@ -266,8 +267,12 @@ def train(args: argparse.Namespace, dataset=None) -> dict:
         mask = torch.where(drop[:, None], uncond_mask.expand_as(mask), mask)
         if args.zoom_prob > 0:  # no extra draws otherwise, so older runs resume exactly
             zoom = torch.rand(args.batch_size, generator=g) < args.zoom_prob
-            if zoom.any():
-                images[zoom] = dataset.zoomed(idx[zoom], g)
+            which = (torch.randint(0, len(args.zoom_factors), (args.batch_size,), generator=g)
+                     if len(args.zoom_factors) > 1 else torch.zeros(args.batch_size, dtype=torch.long))
+            for i, factor in enumerate(args.zoom_factors):
+                chosen = zoom & (which == i)
+                if chosen.any():
+                    images[chosen] = dataset.zoomed(idx[chosen], g, factor)
         for group in optimizer.param_groups:  # linear warm-up, then constant
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         loss = training_loss(unet, scheduler, images.to(device), hidden.to(device), mask.to(device), g)
@@ -326,8 +331,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ema-decay", type=float, default=0.998)
     parser.add_argument("--caption-dropout", type=float, default=0.1, help="for classifier-free guidance")
     parser.add_argument("--zoom-prob", type=float, default=0.0,
-                        help="share of a batch shown as random 32 px windows of the 64 px renderings (parts at 2x "
-                             "scale, what cascade stages ask the model to denoise)")
+                        help="share of a batch shown as random 32 px windows of larger renderings (parts at 2x or "
+                             "4x scale, what cascade stages ask the model to denoise)")
+    parser.add_argument("--zoom-factors", type=int, nargs="+", default=[2],
+                        help="zoom factors drawn uniformly for --zoom-prob windows (2: 64 px renderings, 4: 128 px)")
     parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="caption tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=100)

@@ -67,7 +67,7 @@ class EmojiDataset(torch.utils.data.Dataset):
         self.images = load_images(cache_dir, records, size, split)  # first: a missing image fails fast
         self.captions = CaptionCache.build(all_captions,
                                            caption_cache_path(cache_dir, max_length), encoder)
-        self.zoom_images: torch.Tensor | None = None
+        self.zoom_images: dict[int, torch.Tensor] = {}
         self.caption_index = torch.tensor([self.captions.index[r["caption"]] for r in records])
 
     def __len__(self) -> int:
@@ -90,9 +90,9 @@ class EmojiDataset(torch.utils.data.Dataset):
         cascade's higher-resolution stages ask it to denoise (a model that only saw whole emoji
         filling the frame breaks an upsampled pivot into small copies).
         """
-        if self.zoom_images is None or self.zoom_images.shape[-1] != self.size * zoom:
-            self.zoom_images = load_images(self.cache_dir, self.records, self.size * zoom, self.split)
-        big = self.zoom_images[indices]
+        if zoom not in self.zoom_images:
+            self.zoom_images[zoom] = load_images(self.cache_dir, self.records, self.size * zoom, self.split)
+        big = self.zoom_images[zoom][indices]
         span = big.shape[-1] - self.size + 1
         ys = torch.randint(0, span, (len(indices),), generator=generator).tolist()
         xs = torch.randint(0, span, (len(indices),), generator=generator).tolist()

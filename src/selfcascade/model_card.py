@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .grid import make_grid
-from .io import save_png
+from .io import atomic_path, save_png
 
 #: Concepts of the eval split (held out of every training run), one caption per style.
 HELD_OUT_CAPTIONS = (
@@ -94,9 +94,8 @@ def write_model_card(model_dir: str | os.PathLike, captions: Sequence[str] = HEL
     info = json.loads(info_path.read_text())
     save_png(sample_grid(model_dir, captions, steps=steps), model_dir / SAMPLES_PNG)
     readme = model_dir / "README.md"
-    tmp = readme.with_name(".README.md.tmp")
-    tmp.write_text(card_text(info, captions))
-    os.replace(tmp, readme)
+    with atomic_path(readme) as tmp:
+        tmp.write_text(card_text(info, captions))
     return readme
 
 

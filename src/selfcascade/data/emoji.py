@@ -33,6 +33,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from ..io import atomic_path
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.jsonl"
@@ -149,9 +151,8 @@ def make_caption(label: str, tags: Sequence[str], source: str) -> str:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -195,7 +195,8 @@ def test_cli_train_resume_extend_and_generate(tiny_sd_dir, caption_folder, tmp_p
               "--batch-size", "2", "--run-dir", str(run), "--threads", "1", "--log-every", "1"]
     assert main([*common, "--max-steps", "2", "--validate-every", "2", "--validation-steps", "2"]) == 0
     assert (run / "validation" / "step-000002.png").is_file()
-    assert main([*common, "--max-steps", "3", "--validate-every", "0"]) == 0  # resumes at step 2
+    assert main([*common, "--max-steps", "3", "--validate-every", "0", "--snapshot-every", "3"]) == 0  # resumes
+    assert UpsamplerBank.from_pretrained(run / "snapshots" / "step-000003").num_parameters() == 2140
     state = json.loads((run / "checkpoint" / "state.json").read_text())
     assert state["step"] == 3 and [s for s, _ in state["losses"]] == [1, 2, 3]
     config = json.loads((run / "bank" / "config.json").read_text())

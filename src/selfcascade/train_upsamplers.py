@@ -11,7 +11,8 @@ in memory up to ``--cache-gb``, so a step costs one UNet forward and backward at
 
 Runs unchanged on one CPU, one GPU or many (``accelerate launch``): mixed precision on GPU,
 checkpoints of safetensors + json (``RUN_DIR/checkpoint``, resumed automatically), a progress bar with
-the loss, a tuning-free vs tuned validation grid every ``--validate-every`` steps. ``--init-from BANK``
+the loss, a tuning-free vs tuned validation grid every ``--validate-every`` steps and, with
+``--snapshot-every``, copies of the bank along the way. ``--init-from BANK``
 starts from a bank tuned for another scale ("extendable tuning").
 """
 
@@ -327,6 +328,9 @@ def train(args: argparse.Namespace, data: ImageCaptions | None = None) -> dict:
             state["step"] = step
             if accelerator.is_main_process:
                 save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, state)
+        if args.snapshot_every and step % args.snapshot_every == 0 and accelerator.is_main_process:
+            accelerator.unwrap_model(model).save_pretrained(run_dir / "snapshots" / f"step-{step:06d}",
+                                                            safe_serialization=True)
         if args.validate_every and step % args.validate_every == 0 and accelerator.is_main_process:
             _validate(cascade, accelerator.unwrap_model(model), validation_prompts, high, args, run_dir, step)
     bar.close()
@@ -380,6 +384,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=10, help="record the loss curve every N steps")
     parser.add_argument("--checkpoint-every", type=int, default=200)
+    parser.add_argument("--snapshot-every", type=int, default=0,
+                        help="keep a copy of the bank every N steps in RUN_DIR/snapshots, for quality-over-steps curves (0: off)")
     parser.add_argument("--validate-every", type=int, default=500, help="tuning-free vs tuned grid every N steps (0: off)")
     parser.add_argument("--validation-prompts", nargs="+", default=None, help="default: the first 4 training captions")
     parser.add_argument("--validation-steps", type=int, default=25, help="sampler steps for the validation grid")

@@ -157,8 +157,11 @@ def sample_cascade(
     callback: StepCallback | None = None,
     progress: bool = True,
     stage_context: StageContext | None = None,
+    num_frames: int | None = None,
 ) -> CascadeResult:
     """Sample every stage of ``plan``; ``generators[r]`` holds one generator per image for stage r.
+
+    ``num_frames`` (video backbones only) stays fixed across stages: the plan scales height and width.
 
     ``stage_context`` wraps each stage r >= 1; it gets the previous stage's final latents and the UNet
     inputs at the previous size (same prompt and CFG layout as stage r), e.g. for a pivot feature pass.
@@ -170,7 +173,7 @@ def sample_cascade(
     for r, (h, w) in enumerate(plan.stages):
         guidance = guidance_scales[r]
         inputs = backbone.unet_inputs(embeds, h, w, do_cfg=guidance > 1.0)
-        shape = (batch, backbone.latent_channels, h // backbone.spatial_factor, w // backbone.spatial_factor)
+        shape = backbone.latent_shape(batch, h, w, num_frames)
         noise = randn_tensor(shape, generator=generators[r], device=device, dtype=dtype)
         if r == 0:
             scheduler.set_timesteps(num_inference_steps, device=device)

@@ -7,12 +7,14 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from .plan import DEFAULT_MAX_RATIO, make_plan
 
 #: Every value of ``SelfCascadePipeline.__call__(mode=...)`` (kept here so --help needs no torch import).
 MODES = ["tuning-free", "direct", "tuned", "attn-sf", "redilate", "hires-fix"]
+#: The modes video models accept (``selfcascade.pipeline.VIDEO_MODES``).
+VIDEO_MODES = ["tuning-free", "direct", "tuned", "hires-fix"]
 
 logger = logging.getLogger("selfcascade")
 
@@ -64,12 +66,30 @@ def _add_size_args(p: argparse.ArgumentParser) -> None:
                    help="largest target/base pixel ratio accepted (guards memory and time)")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="embedded",
-                   help="'embedded' (the model shipped with selfcascade), a diffusers folder, or a hub id")
+def parse_positive_int(text: str) -> int:
+    """'16' -> 16; zero, negatives and non-numbers are refused by argparse, before any model loads."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser, video: bool = False) -> None:
+    if video:
+        p.add_argument("--model", required=True,
+                       help="a diffusers text-to-video folder or hub id (TextToVideoSDPipeline, e.g. "
+                            "ali-vilab/text-to-video-ms-1.7b)")
+    else:
+        p.add_argument("--model", default="embedded",
+                       help="'embedded' (the model shipped with selfcascade), a diffusers folder, or a hub id")
     p.add_argument("--scheduler", default="ddim", help="'ddim' (paper) or 'pipeline' (keep the model's own)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--dtype", choices=list(DTYPES), default="auto", help="auto: fp16 on GPU, fp32 on CPU")
+    p.add_argument("--unet-weights", default=None,
+                   help="replace the UNet's weights by a `selfcascade finetune` export (full or LoRA baseline)")
 
 
 def _load(args: argparse.Namespace):
@@ -79,7 +99,14 @@ def _load(args: argparse.Namespace):
 
     device = torch.device(args.device) if args.device else default_device()
     dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
-    return SelfCascadePipeline.from_pretrained(args.model, device=device, dtype=dtype, scheduler=args.scheduler)
+    cascade = SelfCascadePipeline.from_pretrained(args.model, device=device, dtype=dtype, scheduler=args.scheduler)
+    if args.unet_weights:
+        from .baselines.finetune import load_unet_weights
+
+        info = load_unet_weights(cascade.backbone.unet, args.unet_weights, cascade.backbone.name)
+        logger.info("UNet weights from %s (%s fine-tuning, %s steps)", args.unet_weights, info.get("method", "?"),
+                    info.get("steps", "?"))
+    return cascade
 
 
 def _resolve_size(args: argparse.Namespace) -> None:
@@ -87,6 +114,38 @@ def _resolve_size(args: argparse.Namespace) -> None:
         if args.height is not None or args.width is not None:
             raise SystemExit("error: give --size or --height/--width, not both")
         args.height = args.width = args.size
+
+
+_MODE_HELP = {
+    "tuning-free": "the cascade", "direct": "baseline, one pass at the target size",
+    "tuned": "the cascade with --upsamplers", "attn-sf": "direct with attention scaled as Jin et al. 2023",
+    "redilate": "direct with ScaleCrafter's dilated convolutions",
+    "hires-fix": "base sample, upscale, img2img at --strength",
+}
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, modes: list[str]) -> None:
+    """How to sample: shared by ``generate`` and ``generate-video``."""
+    p.add_argument("--mode", choices=modes, default="tuning-free",
+                   help="; ".join(f"{m}: {_MODE_HELP[m]}" for m in modes))
+    p.add_argument("--upsamplers", default=None,
+                   help="feature-upsampler bank for --mode tuned: a folder or hub id (see `selfcascade train-upsamplers`)")
+    p.add_argument("--steps", type=int, default=50, help="scheduler steps of a full schedule; later stages run the part <= K")
+    p.add_argument("--guidance", type=parse_guidance, default=None,
+                   help="classifier-free guidance scale, or one per stage (7.5,5,3); default: the model's")
+    p.add_argument("--K", type=int, default=None,
+                   help="step the pivot is re-noised to, of T=1000 (default: 700 on SD's schedule, the same "
+                        "signal level on others: 494 for the embedded model)")
+    p.add_argument("--noise-level", type=float, default=None, help="K as a fraction of T, in (0, 1] (instead of --K)")
+    p.add_argument("--pivot-space", choices=["latent", "pixel"], default=None,
+                   help="upsample the pivot bilinearly in latent space (paper; the default) or decode-resize-encode "
+                        "(the default of --mode hires-fix)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="img2img strength of --mode hires-fix, in (0, 1]: K = strength * T (default 0.55)")
+    p.add_argument("--negative-prompt", default=None, help="what to steer away from")
+    p.add_argument("--seeds", type=parse_seeds, default=[0], help="one output per seed: 7, 0-3 or 1,5,9")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved settings and plan, generate nothing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,31 +163,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", help="what to draw")
     _add_size_args(g)
     _add_model_args(g)
-    g.add_argument("--mode", choices=MODES, default="tuning-free",
-                   help="tuning-free: the cascade; tuned: the cascade with --upsamplers; baselines: direct (one pass at "
-                        "the target size), attn-sf (direct, attention scaled as Jin et al. 2023), redilate (direct, "
-                        "ScaleCrafter's dilated convolutions), hires-fix (base sample, upscale, img2img at --strength)")
-    g.add_argument("--upsamplers", default=None,
-                   help="feature-upsampler bank for --mode tuned: a folder or hub id (see `selfcascade train-upsamplers`)")
-    g.add_argument("--steps", type=int, default=50, help="scheduler steps of a full schedule; later stages run the part <= K")
-    g.add_argument("--guidance", type=parse_guidance, default=None,
-                   help="classifier-free guidance scale, or one per stage (7.5,5,3); default: the model's")
-    g.add_argument("--K", type=int, default=None,
-                   help="step the pivot is re-noised to, of T=1000 (default: 700 on SD's schedule, the same "
-                        "signal level on others: 494 for the embedded model)")
-    g.add_argument("--noise-level", type=float, default=None, help="K as a fraction of T, in (0, 1] (instead of --K)")
-    g.add_argument("--pivot-space", choices=["latent", "pixel"], default=None,
-                   help="upsample the pivot bilinearly in latent space (paper; the default) or decode-resize-encode "
-                        "(the default of --mode hires-fix)")
-    g.add_argument("--strength", type=float, default=None,
-                   help="img2img strength of --mode hires-fix, in (0, 1]: K = strength * T (default 0.55)")
-    g.add_argument("--negative-prompt", default=None, help="what to steer away from")
-    g.add_argument("--seeds", type=parse_seeds, default=[0], help="one image per seed: 7, 0-3 or 1,5,9")
+    _add_sampling_args(g, MODES)
     g.add_argument("--save-stages", action="store_true", help="also write every stage's image (-stageN.png)")
     g.add_argument("-o", "--output", default="outputs/out.png",
                    help="PNG path; several seeds write NAME-SEED.png")
-    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    g.add_argument("--dry-run", action="store_true", help="print the resolved settings and plan, generate nothing")
+
+    v = sub.add_parser("generate-video", help="generate clips from a prompt with a text-to-video model",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    v.add_argument("prompt", help="what to film")
+    _add_size_args(v)
+    _add_model_args(v, video=True)
+    _add_sampling_args(v, VIDEO_MODES)
+    v.add_argument("--frames", type=parse_positive_int, default=16,
+                   help="frames per clip, the same at every stage (the cascade scales height and width only)")
+    v.add_argument("--fps", type=float, default=8.0, help="frames per second of the written clip")
+    v.add_argument("--decode-chunk", type=parse_positive_int, default=8,
+                   help="frames the VAE decodes at once (lower it if decoding runs out of memory)")
+    v.add_argument("-o", "--output", default="outputs/video.gif",
+                   help=".gif, .mp4 (needs: pip install imageio imageio-ffmpeg) or a folder for PNG frames; "
+                        "several seeds write NAME-SEED.EXT")
 
     p = sub.add_parser("plan", help="print the stage sizes for a target (no model needed with --base)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -163,7 +216,9 @@ def _plugin_registrars() -> list:
     """Subcommands that live beside the modules they drive (data set, training)."""
     registrars = []
     for module, attr in (("selfcascade.data.emoji", "register_cli"), ("selfcascade.train_base", "register_cli"),
-                         ("selfcascade.train_upsamplers", "register_cli")):
+                         ("selfcascade.train_upsamplers", "register_cli"),
+                         ("selfcascade.baselines.finetune", "register_cli"), ("selfcascade.evaluate", "register_cli"),
+                         ("selfcascade.metrics.train_features", "register_cli")):
         try:
             mod = __import__(module, fromlist=[attr])
         except ImportError as exc:
@@ -173,20 +228,18 @@ def _plugin_registrars() -> list:
     return registrars
 
 
-def _output_paths(output: str, seeds: Sequence[int]) -> list[Path]:
+def _output_paths(output: str, seeds: Sequence[int], suffix: str | None = ".png") -> list[Path]:
+    """One path per seed (NAME-SEED.EXT when several); ``suffix`` None: the caller checks the suffix."""
     out = Path(output)
-    if out.suffix.lower() != ".png":
-        raise ValueError(f"--output must end in .png, got {output}")
+    if suffix is not None and out.suffix.lower() != suffix:
+        raise ValueError(f"--output must end in {suffix}, got {output}")
     if len(seeds) == 1:
         return [out]
     return [out.with_name(f"{out.stem}-{s}{out.suffix}") for s in seeds]
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from .io import save_png
-
-    _resolve_size(args)
-    paths = _output_paths(args.output, args.seeds)  # before loading a model, so a typo costs nothing
+def _prepare(args: argparse.Namespace) -> tuple[Any, int, int, float | list[float], Any]:
+    """Load the model and resolve the target size, guidance and plan that a generate command samples."""
     if args.no_progress:
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
@@ -199,24 +252,42 @@ def cmd_generate(args: argparse.Namespace) -> int:
     height = bb.base_size[0] * 2 if args.height is None else args.height
     width = bb.base_size[1] * 2 if args.width is None else args.width
     guidance = args.guidance if args.guidance is not None else bb.default_guidance_scale
-    plan = cascade.plan(height, width, args.mode)
+    return cascade, height, width, guidance, cascade.plan(height, width, args.mode)
+
+
+def _dry_run(args: argparse.Namespace, cascade: Any, height: int, width: int, guidance: float | list[float],
+             plan: Any, paths: list[Path], **extra: Any) -> int:
+    """Print the resolved settings and the plan instead of sampling."""
+    bb = cascade.backbone
+    print(json.dumps({
+        "model": bb.name, "device": str(bb.device), "dtype": str(bb.dtype).replace("torch.", ""),
+        "mode": args.mode, "height": height, "width": width, **extra, "steps": args.steps, "guidance": guidance,
+        "K": args.K, "noise_level": args.noise_level, "pivot_space": args.pivot_space, "strength": args.strength,
+        "scheduler": type(bb.scheduler).__name__, "seeds": args.seeds, "outputs": [str(p) for p in paths],
+        "upsamplers": args.upsamplers,
+    }, indent=2))
+    print(plan)
+    return 0
+
+
+def _sampling_kwargs(args: argparse.Namespace, guidance: float | list[float]) -> dict[str, Any]:
+    """``SelfCascadePipeline.__call__`` arguments from the options of ``_add_sampling_args``."""
+    return dict(mode=args.mode, negative_prompt=args.negative_prompt, num_images_per_prompt=len(args.seeds),
+                num_inference_steps=args.steps, guidance_scale=guidance, K=args.K, noise_level=args.noise_level,
+                pivot_space=args.pivot_space, strength=args.strength, seed=args.seeds, progress=not args.no_progress,
+                upsamplers=args.upsamplers)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .io import save_png
+
+    _resolve_size(args)
+    paths = _output_paths(args.output, args.seeds)  # before loading a model, so a typo costs nothing
+    cascade, height, width, guidance, plan = _prepare(args)
     if args.dry_run:
-        print(json.dumps({
-            "model": bb.name, "device": str(bb.device), "dtype": str(bb.dtype).replace("torch.", ""),
-            "mode": args.mode, "height": height, "width": width, "steps": args.steps, "guidance": guidance,
-            "K": args.K, "noise_level": args.noise_level, "pivot_space": args.pivot_space, "strength": args.strength,
-            "scheduler": type(bb.scheduler).__name__, "seeds": args.seeds, "outputs": [str(p) for p in paths],
-            "upsamplers": args.upsamplers,
-        }, indent=2))
-        print(plan)
-        return 0
+        return _dry_run(args, cascade, height, width, guidance, plan, paths)
     logger.info("%s", plan)
-    result = cascade(
-        args.prompt, height, width, mode=args.mode, negative_prompt=args.negative_prompt,
-        num_images_per_prompt=len(args.seeds), num_inference_steps=args.steps, guidance_scale=guidance,
-        K=args.K, noise_level=args.noise_level, pivot_space=args.pivot_space, strength=args.strength, seed=args.seeds,
-        return_stages=args.save_stages, progress=not args.no_progress, upsamplers=args.upsamplers,
-    )
+    result = cascade(args.prompt, height, width, return_stages=args.save_stages, **_sampling_kwargs(args, guidance))
     for i, (seed, path) in enumerate(zip(result.seeds, paths)):
         save_png(result.images[i], path, result.settings, seed)
         print(path)
@@ -224,6 +295,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
             stage_path = path.with_name(f"{path.stem}-stage{r}{path.suffix}")
             save_png(stage_images[i], stage_path, result.settings, seed)
             print(stage_path)
+    return 0
+
+
+def cmd_generate_video(args: argparse.Namespace) -> int:
+    from .io import check_video_output, save_video
+
+    _resolve_size(args)
+    if args.fps <= 0:
+        raise ValueError(f"--fps must be positive, got {args.fps:g}")
+    paths = _output_paths(args.output, args.seeds, suffix=None)
+    for path in paths:  # before loading a model: a bad suffix or a missing MP4 writer costs nothing
+        check_video_output(path)
+    cascade, height, width, guidance, plan = _prepare(args)
+    bb = cascade.backbone
+    if not bb.is_video:
+        raise ValueError(f"{bb.name} makes images, not clips: give generate-video a text-to-video model (a "
+                         "TextToVideoSDPipeline folder or hub id), or use `selfcascade generate`.")
+    bb.decode_chunk_size = args.decode_chunk
+    if args.dry_run:
+        return _dry_run(args, cascade, height, width, guidance, plan, paths, frames=args.frames, fps=args.fps)
+    logger.info("%s\n  %d frames per clip", plan, args.frames)
+    result = cascade(args.prompt, height, width, num_frames=args.frames, **_sampling_kwargs(args, guidance))
+    for seed, path, clip in zip(result.seeds, paths, result.frames):
+        print(save_video(clip, path, args.fps, result.settings, seed))
     return 0
 
 
@@ -268,7 +363,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "plan": cmd_plan, "compare": cmd_compare}
+COMMANDS = {"generate": cmd_generate, "generate-video": cmd_generate_video, "plan": cmd_plan, "compare": cmd_compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

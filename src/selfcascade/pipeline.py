@@ -4,6 +4,9 @@
     cascade = SelfCascadePipeline.from_pipe(pipe)
     image = cascade("a photo of a corgi", height=2048, width=2048, seed=0).images[0]
 
+    video_pipe = TextToVideoSDPipeline.from_pretrained("ali-vilab/text-to-video-ms-1.7b")
+    frames = SelfCascadePipeline.from_pipe(video_pipe)("a corgi running", 512, 512, num_frames=16).frames[0]
+
 Every mode (direct, tuning-free, tuned, and the baselines attn-sf, redilate, hires-fix) is a configuration
 of the same run through ``sample_cascade``; tuned mode adds a bank of feature upsamplers
 (``selfcascade.upsamplers``) to stages r >= 1, the baselines are described in ``selfcascade.baselines``.
@@ -34,6 +37,9 @@ Mode = Literal["tuning-free", "direct", "tuned", "attn-sf", "redilate", "hires-f
 MODES: tuple[str, ...] = ("tuning-free", "direct", "tuned", *BASELINE_MODES)
 #: Modes that sample the target in one pass, from noise.
 SINGLE_STAGE_MODES = frozenset({"direct", "attn-sf", "redilate"})
+#: Modes for video models: attn-sf and redilate alter attention and convolutions chosen for image UNets
+#: (attn-sf would also rescale the temporal attention over frames).
+VIDEO_MODES: tuple[str, ...] = tuple(m for m in MODES if m not in ("attn-sf", "redilate"))
 #: A bank, its folder or hub id; or one per stage r >= 1 (None: that stage runs tuning-free).
 Upsamplers = UpsamplerBank | str | os.PathLike | Sequence["UpsamplerBank | str | os.PathLike | None"]
 OutputType = Literal["pil", "np", "pt", "latent"]
@@ -78,8 +84,21 @@ class CascadeOutput:
     settings: dict[str, Any]
     stages: list[Any] = field(default_factory=list)
 
+    @property
+    def frames(self) -> Any:
+        """Video models: the clips (``images`` under the name diffusers' video pipelines use)."""
+        return self.images
+
 
 def _to_output(images: torch.Tensor, output_type: OutputType) -> Any:
+    """Images [B, 3, H, W] -> pt as is, np [B, H, W, 3], or PIL images; videos [B, 3, F, H, W] -> pt
+    [B, F, 3, H, W], np [B, F, H, W, 3], or one list of PIL frames per clip (diffusers' video layouts)."""
+    if images.ndim == 5:
+        frames = images.transpose(1, 2)
+        if output_type == "pt":
+            return frames.cpu()
+        clips = [_to_output(clip, output_type) for clip in frames]
+        return np.stack(clips) if output_type == "np" else clips
     if output_type == "pt":
         return images.cpu()
     array = images.permute(0, 2, 3, 1).float().cpu().numpy()
@@ -152,7 +171,7 @@ class SelfCascadePipeline:
 
     def check_inputs(
         self, prompt: Any, negative_prompt: Any, mode: str, num_inference_steps: int, num_images_per_prompt: int,
-        pivot_space: str | None, output_type: str,
+        pivot_space: str | None, output_type: str, num_frames: int | None = None,
     ) -> list[str]:
         if isinstance(prompt, str):
             prompt = [prompt]
@@ -170,6 +189,15 @@ class SelfCascadePipeline:
             raise ValueError(f"pivot_space must be 'latent' or 'pixel', got {pivot_space!r}.")
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be one of pil, np, pt, latent, got {output_type!r}.")
+        if self.backbone.is_video:
+            if mode not in VIDEO_MODES:
+                raise ValueError(f"mode {mode!r} is not supported for video models; "
+                                 f"use one of {', '.join(VIDEO_MODES)}.")
+            if num_frames is not None and (isinstance(num_frames, bool) or not isinstance(num_frames, int)
+                                           or num_frames < 1):
+                raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}.")
+        elif num_frames is not None:
+            raise ValueError(f"num_frames applies only to text-to-video models; {self.backbone.name} makes images.")
         return prompt
 
     @staticmethod
@@ -223,6 +251,7 @@ class SelfCascadePipeline:
         mode: Mode = "tuning-free",
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
+        num_frames: int | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float | Sequence[float] | None = None,
         K: int | None = None,
@@ -236,7 +265,9 @@ class SelfCascadePipeline:
         progress: bool = True,
         upsamplers: Upsamplers | None = None,
     ) -> CascadeOutput:
-        """Generate ``height x width`` images (default: 2x the base size per side, 4x pixels).
+        """Generate ``height x width`` images or clips (default: 2x the base size per side, 4x pixels).
+
+        ``num_frames`` (video models only; default 16) is fixed across stages: only height and width grow.
 
         K (or ``noise_level`` = K/T) is how far each pivot is diffused back before it is denoised at
         the next size: higher keeps less of the pivot and invents more detail (paper: K=700 of 1000).
@@ -252,7 +283,9 @@ class SelfCascadePipeline:
         bb = self.backbone
         # 1. check inputs and resolve defaults
         prompts = self.check_inputs(prompt, negative_prompt, mode, num_inference_steps, num_images_per_prompt,
-                                    pivot_space, output_type)
+                                    pivot_space, output_type, num_frames)
+        if bb.is_video and num_frames is None:
+            num_frames = bb.default_num_frames
         base_h, base_w = bb.base_size
         height = base_h * 2 if height is None else height
         width = base_w * 2 if width is None else width
@@ -296,6 +329,7 @@ class SelfCascadePipeline:
                 bb, plan, embeds, generators, num_inference_steps=num_inference_steps, k=k,
                 guidance_scales=guidance, pivot_space=pivot_space, callback=callback, progress=progress,
                 stage_context=tuned_stage_context(bb.unet, banks) if banks is not None else None,
+                num_frames=num_frames,
             )
 
         # 5. decode
@@ -313,6 +347,8 @@ class SelfCascadePipeline:
             "scheduler": type(bb.scheduler).__name__, "stages": [list(s) for s in plan.stages],
             "prompt": prompts, "negative_prompt": negatives,
         }
+        if num_frames is not None:
+            settings["num_frames"] = num_frames
         if mode == "hires-fix":
             settings["strength"] = strength
         if banks is not None:

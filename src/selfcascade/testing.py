@@ -11,6 +11,9 @@ Sizes (all builders):
   ``BASE_PX`` = 32x32 pixels and every side must be a multiple of ``SIZE_MULTIPLE`` = 4 pixels
   (``vae_scale_factor * 2 ** (num_down_blocks - 1)``).
 - Text: CLIP text transformer, hidden 32, 2 layers, 4 heads, 77 tokens, vocab ``TINY_VOCAB_SIZE``.
+- Video (``make_tiny_video``): the same VAE and text encoder around a 2-level ``UNet3DConditionModel``
+  with ``sample_size`` = 8 latents (native ``VIDEO_BASE_PX`` = 16 px, sides a multiple of 4), so a
+  few frames at 2x-4x the base size sample in well under a second on a CPU.
 
 Every module is built right after ``torch.manual_seed(seed)``, so the same seed gives the same
 weights in every process.
@@ -28,7 +31,9 @@ from diffusers import (
     DDIMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    TextToVideoSDPipeline,
     UNet2DConditionModel,
+    UNet3DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -39,10 +44,13 @@ __all__ = [
     "make_tiny_tokenizer",
     "make_tiny_sd",
     "make_tiny_sdxl",
+    "make_tiny_video",
+    "VIDEO_BASE_PX",
     "save_tiny_sd",
 ]
 
-BASE_PX = 32  # native image side of every tiny pipeline, in pixels
+BASE_PX = 32  # native image side of the tiny image pipelines, in pixels
+VIDEO_BASE_PX = 16  # native frame side of the tiny video pipeline, in pixels
 LATENT_PX = 16  # UNet sample_size (latent side)
 SIZE_MULTIPLE = 4  # every image side must be a multiple of this (vae 2 x one UNet downsampling)
 TEXT_HIDDEN = 32  # CLIP hidden size (= SD cross_attention_dim)
@@ -243,6 +251,36 @@ def make_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to("cpu")
+
+
+def make_tiny_video(seed: int = 0) -> TextToVideoSDPipeline:
+    """Tiny random text-to-video model (``TextToVideoSDPipeline``, ``UNet3DConditionModel``), native 16x16 px.
+
+    Laid out as ModelScope T2V (cross-attention at the highest level, none at the lowest; temporal
+    convolutions and attention in every block), shrunk as diffusers' ``TextToVideoSDPipelineFastTests``
+    shrink it, with the tiny VAE and CLIP text encoder of ``make_tiny_sd``. Scheduler: DDIM with SD's
+    training schedule (ModelScope's own).
+    """
+    torch.manual_seed(seed)
+    unet = UNet3DConditionModel(
+        sample_size=VIDEO_BASE_PX // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    vae = _tiny_vae(seed)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_text_config())
+    pipe = TextToVideoSDPipeline(vae=vae, text_encoder=text_encoder, tokenizer=make_tiny_tokenizer(), unet=unet,
+                                 scheduler=_sd_scheduler("epsilon"))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to("cpu")
 

@@ -1,7 +1,8 @@
 """Read the pivot's skip features out of a UNet and add upsampled residuals back in, through hooks.
 
 No fork, subclass or copy of the UNet's forward: ``capture`` and ``inject`` are context managers that
-register PyTorch hooks on an unchanged diffusers ``UNet2DConditionModel`` and remove them on exit.
+register PyTorch hooks on an unchanged diffusers ``UNet2DConditionModel`` (or ``UNet3DConditionModel``) and
+remove them on exit.
 
 A *level* is one down block: its feature is the output of the block's last resnet (plus attention),
 i.e. the deepest skip feature at that resolution and, at the same time, the hidden state the block
@@ -15,6 +16,10 @@ passes on (to its downsampler, or to the mid block for the last level). Two inje
 
 The upsamplers are conditioned on the UNet's timestep embedding (``time_embedding(get_time_embed(t))``,
 the one its resnets see, without SDXL's added text/size embedding), computed from the UNet's own modules.
+
+Video UNets (``UNet3DConditionModel``, input [B, C, F, H, W]) fold the frames into the batch before their
+down blocks, so their features, and the residuals added to them, have B*F rows: the bank runs per frame
+on them as on a batch of images; only the time embedding is repeated per frame.
 """
 
 from __future__ import annotations
@@ -114,6 +119,22 @@ def _call_sample_and_timestep(args: tuple, kwargs: dict) -> tuple[torch.Tensor, 
     return sample, timestep
 
 
+def _feature_rows(sample: torch.Tensor) -> int:
+    """Rows of the UNet's internal features for ``sample``: B, or B*F for a video [B, C, F, H, W]."""
+    return sample.shape[0] * (sample.shape[2] if sample.ndim == 5 else 1)
+
+
+def _time_embedding(unet: nn.Module, sample: torch.Tensor, timestep: Any, timestep_cond: Any) -> torch.Tensor:
+    """The timestep embedding the UNet's resnets see, one row per feature row (repeated per frame for video)."""
+    if hasattr(unet, "get_time_embed"):
+        t_emb = unet.get_time_embed(sample=sample, timestep=timestep)
+    else:  # UNet3DConditionModel computes it inline in forward: the same steps
+        timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
+        t_emb = unet.time_proj(timesteps).to(unet.dtype)
+    temb = unet.time_embedding(t_emb, timestep_cond)
+    return temb.repeat_interleave(_feature_rows(sample) // sample.shape[0], dim=0)
+
+
 @contextmanager
 def inject(unet: nn.Module, bank: "UpsamplerBank | nn.Module", features: Sequence[torch.Tensor]) -> Iterator[None]:
     """Add ``bank``'s residuals of the pivot ``features`` at every UNet call inside (Eq. 9).
@@ -134,12 +155,13 @@ def inject(unet: nn.Module, bank: "UpsamplerBank | nn.Module", features: Sequenc
 
     def residuals_for_call(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         sample, timestep = _call_sample_and_timestep(args, kwargs)
-        if features[0].shape[0] != sample.shape[0]:
+        if features[0].shape[0] != _feature_rows(sample):
             raise ValueError(
-                f"pivot features have batch {features[0].shape[0]} but the UNet call has batch {sample.shape[0]}: "
-                "compute them with the same classifier-free-guidance layout as the high-res pass."
+                f"pivot features have batch {features[0].shape[0]} but the UNet call has batch {_feature_rows(sample)} "
+                "(frames included): compute them with the same classifier-free-guidance layout and frame count as "
+                "the high-res pass."
             )
-        temb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), kwargs.get("timestep_cond"))
+        temb = _time_embedding(unet, sample, timestep, kwargs.get("timestep_cond"))
         sizes = level_sizes(unet, *sample.shape[-2:])
         out = bank([f.to(bank_dtype) for f in features], temb.to(bank_dtype), sizes)
         out = [r.to(sample.dtype) for r in out]

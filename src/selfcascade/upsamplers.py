@@ -103,7 +103,7 @@ class UpsamplerBank(ModelMixin, ConfigMixin):
 
     @classmethod
     def for_unet(cls, unet: nn.Module, **config) -> "UpsamplerBank":
-        """A zero-initialised bank shaped for ``unet`` (any diffusers UNet2DConditionModel)."""
+        """A zero-initialised bank shaped for ``unet`` (a diffusers UNet2D- or UNet3DConditionModel)."""
         layout = unet_layout(unet)
         return cls(level_channels=list(layout.level_channels), time_embed_dim=layout.time_embed_dim, **config)
 

@@ -37,7 +37,8 @@ class Backbone:
     """Frozen UNet + scheduler + the model-specific pieces around them.
 
     Subclasses set ``latent_channels``, ``spatial_factor`` (pixels per latent cell) and implement
-    ``encode_prompt``, ``decode`` and ``encode``; SDXL also overrides ``added_cond_kwargs``.
+    ``encode_prompt``, ``decode`` and ``encode``; SDXL also overrides ``added_cond_kwargs``; video
+    backbones set ``default_num_frames`` and override ``latent_shape``.
     """
 
     latent_channels: int
@@ -46,6 +47,8 @@ class Backbone:
     name: str = "unknown"
     #: Classifier-free guidance used when the caller gives none (SD's customary 7.5).
     default_guidance_scale: float = 7.5
+    #: Frames per clip when the caller gives none; None for image models (latents [B, C, H, W]).
+    default_num_frames: int | None = None
 
     def __init__(self, unet: torch.nn.Module, scheduler: Any) -> None:
         self.unet = unet
@@ -98,6 +101,17 @@ class Backbone:
         h, w = (sample, sample) if isinstance(sample, int) else sample
         return h * self.spatial_factor, w * self.spatial_factor
 
+    @property
+    def is_video(self) -> bool:
+        return self.default_num_frames is not None
+
+    def latent_shape(self, batch: int, height: int, width: int, num_frames: int | None = None) -> tuple[int, ...]:
+        """Shape of the latents of ``batch`` samples at ``height x width`` pixels."""
+        if num_frames is not None:
+            raise ValueError(f"{self.name} is an image model: num_frames applies only to text-to-video models "
+                             "(e.g. a TextToVideoSDPipeline).")
+        return batch, self.latent_channels, height // self.spatial_factor, width // self.spatial_factor
+
     # ------------------------------------------------------------------------ model specifics
     def encode_prompt(
         self, prompt: list[str], negative_prompt: list[str] | None, num_images_per_prompt: int, do_cfg: bool
@@ -105,7 +119,7 @@ class Backbone:
         raise NotImplementedError
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [0, 1], shape (B, 3, H, W), float32."""
+        """Latents -> images in [0, 1], shape (B, 3, H, W) (video: (B, 3, F, H, W)), float32."""
         raise NotImplementedError
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -158,12 +172,22 @@ class Backbone:
 
     # --------------------------------------------------------------------------------- resize
     def resize_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Bilinear resize of latents to the stage size given in pixels (the paper's phi)."""
+        """Bilinear resize of latents to the stage size given in pixels (the paper's phi); per frame for video."""
         size = (height // self.spatial_factor, width // self.spatial_factor)
-        return F.interpolate(latents.float(), size=size, mode="bilinear", align_corners=False).to(latents.dtype)
+        return resize_spatial(latents.float(), size, "bilinear").to(latents.dtype)
 
     def resize_in_pixels(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Decode, resize with an antialiased bicubic filter, encode again: sharper than latent bilinear."""
-        images = self.decode(latents)
-        images = F.interpolate(images, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
+        images = resize_spatial(self.decode(latents), (height, width), "bicubic", antialias=True)
         return self.encode(images.clamp(0, 1))
+
+
+def resize_spatial(x: torch.Tensor, size: tuple[int, int], mode: str, antialias: bool = False) -> torch.Tensor:
+    """Interpolate the last two (spatial) dims of a tensor of any rank >= 3, e.g. each frame of a video.
+
+    The leading dims are folded into interpolate's channel dim, which it treats independently, so a
+    [B, C, F, H, W] video is resized frame by frame exactly as each [B, C, H, W] frame would be.
+    """
+    flat = x.reshape(-1, *x.shape[-3:])
+    out = F.interpolate(flat, size=size, mode=mode, align_corners=False, antialias=antialias)
+    return out.reshape(*x.shape[:-2], *size)

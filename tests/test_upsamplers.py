@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,3 +234,26 @@ def test_two_process_cpu_run(tiny_sd_dir, caption_folder, tmp_path):
     assert "2 process(es)" in done.stderr
     assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 2
     assert UpsamplerBank.from_pretrained(run / "bank").num_parameters() == 2140
+
+
+def test_embedded_tuned_mode_defaults_to_the_banks_shipped_beside_the_model(tmp_path):
+    from diffusers import DDPMScheduler
+
+    from selfcascade.backbones.embedded import BANKS_DIR, EmbeddedBackbone
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                                cross_attention_dim=8, attention_head_dim=4, norm_num_groups=4)
+    bb = EmbeddedBackbone(unet, DDPMScheduler(), text_encoder=None, name=str(tmp_path))
+    assert bb.default_banks([(16, 16)]) is None
+    for side in (16, 32):
+        bank = UpsamplerBank.for_unet(unet)
+        bank.register_to_config(train_size=[side, side])
+        bank.save_pretrained(tmp_path / BANKS_DIR / f"bank-{side}")
+    chosen = bb.default_banks([(16, 16), (32, 32), (64, 64)])
+    assert [Path(c).name for c in chosen] == ["bank-16", "bank-32", "bank-32"]
+    cascade = SelfCascadePipeline(bb)
+    banks = cascade._stage_banks(None, cascade.plan(32, 32))  # base 8 px: stages 16 and 32
+    assert [b.config.train_size for b in banks] == [[16, 16], [32, 32]]

@@ -129,7 +129,8 @@ def _add_sampling_args(p: argparse.ArgumentParser, modes: list[str]) -> None:
     p.add_argument("--mode", choices=modes, default="tuning-free",
                    help="; ".join(f"{m}: {_MODE_HELP[m]}" for m in modes))
     p.add_argument("--upsamplers", default=None,
-                   help="feature-upsampler bank for --mode tuned: a folder or hub id (see `selfcascade train-upsamplers`)")
+                   help="feature-upsampler bank for --mode tuned: a folder or hub id (see `selfcascade train-upsamplers`); "
+                        "default: the banks shipped with the model (the embedded model has them)")
     p.add_argument("--steps", type=int, default=50, help="scheduler steps of a full schedule; later stages run the part <= K")
     p.add_argument("--guidance", type=parse_guidance, default=None,
                    help="classifier-free guidance scale, or one per stage (7.5,5,3); default: the model's")
@@ -199,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sizes", type=int, nargs="+", default=None,
                    help="square target sides in pixels (default: 2x, 4x and 8x the base side)")
     c.add_argument("--modes", nargs="+", choices=MODES, default=["direct", "tuning-free"])
-    c.add_argument("--upsamplers", default=None, help="feature-upsampler bank (folder or hub id) for the tuned row")
+    c.add_argument("--upsamplers", default=None, help="feature-upsampler bank (folder or hub id) for the tuned row (default: the model's own)")
     c.add_argument("--steps", type=int, default=50, help="scheduler steps of a full schedule")
     c.add_argument("--guidance", type=parse_guidance, default=None, help="guidance scale (default: the model's)")
     c.add_argument("--seed", type=int, default=0, help="the same seed for every cell")

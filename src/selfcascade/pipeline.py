@@ -214,6 +214,8 @@ class SelfCascadePipeline:
     def _stage_banks(self, upsamplers: Upsamplers | None, plan: ScalePlan) -> list[UpsamplerBank | None]:
         """One loaded, checked bank (or None) per stage r >= 1."""
         if upsamplers is None:
+            upsamplers = self.backbone.default_banks(list(plan.stages[1:]))
+        if upsamplers is None:
             raise ValueError("mode='tuned' needs upsamplers=: an UpsamplerBank, or a folder or hub id written by "
                              "`selfcascade train-upsamplers` (or use mode='tuning-free').")
         if isinstance(upsamplers, (UpsamplerBank, str, os.PathLike)):

@@ -101,6 +101,10 @@ class Backbone:
         h, w = (sample, sample) if isinstance(sample, int) else sample
         return h * self.spatial_factor, w * self.spatial_factor
 
+    def default_banks(self, stage_sizes: list[tuple[int, int]]) -> list[str] | None:
+        """Feature-upsampler banks shipped with the model, one per stage r >= 1 (tuned mode's default); None here."""
+        return None
+
     @property
     def is_video(self) -> bool:
         return self.default_num_frames is not None

@@ -17,6 +17,8 @@ from .base import Backbone, PromptEmbeds
 #: Where the shipped weights live inside the installed package.
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "embedded_model"
 CONFIG_NAME = "selfcascade_model.json"
+#: Feature-upsampler banks tuned on the model (``<model>/banks/<name>/``), tuned mode's default.
+BANKS_DIR = "banks"
 
 
 class EmbeddedBackbone(Backbone):
@@ -53,6 +55,16 @@ class EmbeddedBackbone(Backbone):
         encoder = TextEncoder(max_length=int(config.get("max_length", 32)))
         name = "embedded" if path is None else str(folder)
         return cls(unet, scheduler, encoder, name=name, default_guidance_scale=config.get("guidance_scale"))
+
+    def default_banks(self, stage_sizes: list[tuple[int, int]]) -> list[str] | None:
+        """The banks under ``<model>/banks/``: per stage, the one tuned for the nearest side (e.g. 64, 128)."""
+        folder = (SHIPPED_DIR if self.name == "embedded" else Path(self.name)) / BANKS_DIR
+        tuned_for = {}
+        for config in sorted(folder.glob("*/config.json")):
+            tuned_for[config.parent] = json.loads(config.read_text()).get("train_size", [0])[0]
+        if not tuned_for:
+            return None
+        return [str(min(tuned_for, key=lambda bank: abs(tuned_for[bank] - max(size)))) for size in stage_sizes]
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.unet, self.text_encoder.model]

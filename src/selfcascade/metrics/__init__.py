@@ -5,17 +5,19 @@ Pure functions on feature arrays or image tensors, beside feature-extractor clas
 - :func:`frechet_distance`, :func:`kernel_inception_distance` on ``[N, D]`` features;
 - :func:`sliced_wasserstein_distance` on images, no network needed;
 - :func:`resize_images`, :func:`random_crops` to build the FID_b and pFID image sets;
-- :class:`FeatureExtractor`, :class:`InceptionFeatures` to get features from images.
+- :class:`FeatureExtractor`, :class:`InceptionFeatures`, :class:`EmojiFeatures` (the offline network the
+  project trains) and :func:`load_features` (picks one) to get features from images.
 """
 
 from .distances import (feature_statistics, frechet_distance, frechet_distance_from_stats,
                         kernel_inception_distance)
-from .features import FeatureExtractor, FeatureExtractorUnavailable, InceptionFeatures
+from .emoji_features import EmojiFeatures
+from .features import FEATURE_KINDS, FeatureExtractor, FeatureExtractorUnavailable, InceptionFeatures, load_features
 from .images import random_crops, resize_images
 from .swd import SlicedWasserstein, laplacian_pyramid, sliced_wasserstein_distance
 
 __all__ = [
-    "FeatureExtractor", "FeatureExtractorUnavailable", "InceptionFeatures", "SlicedWasserstein",
-    "feature_statistics", "frechet_distance", "frechet_distance_from_stats", "kernel_inception_distance",
-    "laplacian_pyramid", "random_crops", "resize_images", "sliced_wasserstein_distance",
+    "FEATURE_KINDS", "EmojiFeatures", "FeatureExtractor", "FeatureExtractorUnavailable", "InceptionFeatures",
+    "SlicedWasserstein", "feature_statistics", "frechet_distance", "frechet_distance_from_stats", "kernel_inception_distance",
+    "laplacian_pyramid", "load_features", "random_crops", "resize_images", "sliced_wasserstein_distance",
 ]

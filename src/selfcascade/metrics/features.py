@@ -4,19 +4,23 @@ The paper measures FID/KID with clean-fid's Inception-V3 (TensorFlow weights). :
 uses the same network as ported by torch-fidelity, through torchmetrics. Those weights are
 downloaded on first use, which an offline machine cannot do, so construction fails loudly with
 the fix instead of silently computing something else. There is deliberately no pixel-space
-fallback: an "FID" on raw pixels is not comparable to any published number. Another network (for
-instance the penultimate layer of a classifier trained on the project's own data) plugs in by
-implementing :class:`FeatureExtractor`; name it so results say which features they used.
+fallback: an "FID" on raw pixels is not comparable to any published number. The offline alternative
+is the project's own network (:mod:`.emoji_features`, the penultimate layer of a classifier trained on
+the emoji data set); :func:`load_features` picks between the two. Other networks plug in by
+implementing :class:`FeatureExtractor`; name them so results say which features they used.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
 
 from .images import check_images, resize_images
+
+logger = logging.getLogger(__name__)
 
 INSTALL_HINT = 'pip install "selfcascade[eval]" (installs torchmetrics and torch-fidelity)'
 
@@ -101,3 +105,30 @@ class InceptionFeatures:
             out = out[0] if isinstance(out, tuple) else out
             features.append(out.reshape(batch.shape[0], -1).float().cpu())
         return torch.cat(features)
+
+
+FEATURE_KINDS = ("auto", "inception", "emoji")
+
+
+def load_features(kind: str = "auto", weights: str | Path | None = None,
+                  device: str | torch.device = "cpu") -> FeatureExtractor:
+    """The extractor FID/KID should use: ``inception``, ``emoji`` (the project's offline network,
+    :class:`~selfcascade.metrics.emoji_features.EmojiFeatures`), or ``auto``: Inception when
+    torchmetrics, torch-fidelity and the weights are available here, else emoji.
+
+    ``weights``: Inception's weight file or the emoji network's folder (default: torch.hub's cache,
+    the shipped folder); under ``auto`` a folder means emoji and a file Inception.
+    """
+    from .emoji_features import EmojiFeatures
+
+    if kind not in FEATURE_KINDS:
+        raise ValueError(f"features must be one of {', '.join(FEATURE_KINDS)}, got {kind!r}")
+    if kind == "emoji" or (kind == "auto" and weights is not None and Path(weights).is_dir()):
+        return EmojiFeatures(weights, device=device)
+    try:
+        return InceptionFeatures(weights, device=device)
+    except FeatureExtractorUnavailable as exc:
+        if kind == "inception":
+            raise
+        logger.info("Inception features unavailable (%s); using the shipped emoji feature extractor", exc)
+        return EmojiFeatures(device=device)

@@ -1,0 +1,411 @@
+"""Score generation modes against real images at higher resolutions: the paper's Tables 1-2 (section 5.2).
+
+    selfcascade evaluate --modes direct tuning-free --sizes 64 128 --num-images 64 --steps 50
+
+For each target size and mode, one image per caption for ``--num-images`` captions of the emoji eval
+split (concepts the embedded model never saw; seeded choice, image i gets seed ``--seed`` + i), then:
+
+- FID_r / KID_r: generated images vs real renders at the target size (the extractor resizes both);
+- pFID_r / pKID_r: ``--crops-per-image`` random base-size crops of both sets instead of resizing, so
+  the detail at the new scale is judged at native resolution;
+- FID_b / KID_b: generated images downsampled to the base size vs the base model's own samples (same
+  captions and seeds at the base size): how much of the base model's layout the mode keeps;
+- SWD: sliced Wasserstein distance on Laplacian pyramids (x1e3), generated vs real at the target size.
+
+Features: Inception-V3 (torchmetrics/torch-fidelity) when installed with its weights cached, else
+the emoji network the project trains and ships (``--features``; the table names the one used). KID
+is reported as mean ± std over subsets; every number carries its sample counts, since FID is biased
+at small counts. Generated images are cached as PNGs under ``OUT/generated/<mode>-<size>/``, so an
+interrupted run continues where it stopped; ``--generated DIR`` scores any model's images instead.
+Writes ``OUT/results.md``, ``OUT/results.csv`` and one image grid per size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .commands import add_command, run_module
+from .io import atomic_path, save_png
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+META_JSON = "meta.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# Image sets
+
+
+def choose_records(records: list[dict], count: int, seed: int) -> list[dict]:
+    """``count`` eval-split records in a seeded order; a larger ``count`` extends a smaller one's choice,
+    so cached images stay valid when a run asks for more."""
+    chosen = [r for r in records if r["split"] == "eval"]
+    if count > len(chosen):
+        raise ValueError(f"asked for {count} images but the eval split has {len(chosen)}; lower the count")
+    random.Random(seed).shuffle(chosen)
+    return chosen[:count]
+
+
+def to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
+    """PIL images of one size -> float ``[N, 3, H, W]`` in [0, 1]."""
+    sizes = {im.size for im in images}
+    if len(sizes) != 1:
+        raise ValueError(f"images differ in size ({sorted(sizes)}); score one size per folder")
+    return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2).float() / 255
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    array = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in array]
+
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def load_folder(folder: Path) -> torch.Tensor:
+    """Every image in ``folder`` (sorted by name), all of one size."""
+    files = image_files(folder)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    opened = [Image.open(p) for p in files]
+    try:
+        return to_tensor(opened)
+    finally:
+        for im in opened:
+            im.close()
+
+
+@dataclass
+class GenerationSpec:
+    """What one cached folder of generated images holds; a folder made with other settings is refused."""
+
+    model: str
+    mode: str
+    size: int
+    steps: int
+    guidance: float | list[float]
+    seed: int
+    upsamplers: str | None = None
+
+    @property
+    def folder_name(self) -> str:
+        return f"{self.mode}-{self.size}"
+
+
+def generate_set(cascade, spec: GenerationSpec, captions: list[str], folder: Path, batch_size: int,
+                 progress: bool = True) -> tuple[torch.Tensor, float]:
+    """Images for ``captions`` (caption i with seed ``spec.seed + i``), generating only those missing in
+    ``folder``; returns them (read back from the PNGs, so fresh and cached runs score identical pixels)
+    and the mean generation time per image over every image this folder ever generated."""
+    meta_path = folder / META_JSON
+    settings = asdict(spec)
+    meta = (json.loads(meta_path.read_text()) if meta_path.exists() else
+            {"settings": settings, "captions": [], "generated": 0, "seconds": 0.0})
+    common = min(len(captions), len(meta["captions"]))
+    if meta["settings"] != settings or meta["captions"][:common] != captions[:common]:
+        raise ValueError(f"{folder} holds images made with other settings or captions ({meta['settings']}, not "
+                         f"{settings}); delete it or write to another --out")
+    meta["captions"] = captions if len(captions) > common else meta["captions"]
+    paths = [folder / f"{i:05d}.png" for i in range(len(captions))]
+    missing = [i for i, p in enumerate(paths) if not p.exists()]
+    bar = tqdm(total=len(captions), initial=len(captions) - len(missing), desc=f"{spec.mode} {spec.size} px",
+               unit="img", disable=not progress or not missing)
+    for start in range(0, len(missing), batch_size):
+        chunk = missing[start:start + batch_size]
+        t0 = time.perf_counter()
+        out = cascade([captions[i] for i in chunk], spec.size, spec.size, mode=spec.mode, num_inference_steps=spec.steps,
+                      guidance_scale=spec.guidance, seed=[spec.seed + i for i in chunk], output_type="pil",
+                      progress=False, upsamplers=spec.upsamplers)
+        meta["seconds"] += time.perf_counter() - t0
+        meta["generated"] += len(chunk)
+        for i, image, seed in zip(chunk, out.images, out.seeds):
+            save_png(image, paths[i], {**out.settings, "prompt": [captions[i]]}, seed)
+        with atomic_path(meta_path) as tmp:
+            tmp.write_text(json.dumps(meta, indent=1) + "\n")
+        bar.update(len(chunk))
+    bar.close()
+    images = []
+    for p in paths:
+        with Image.open(p) as im:
+            images.append(im.convert("RGB"))
+    return to_tensor(images), meta["seconds"] / max(1, meta["generated"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Scores
+
+
+@dataclass
+class Reference:
+    """Real images at one target size with their features, computed once for every mode."""
+
+    images: torch.Tensor
+    features: torch.Tensor
+    crop_features: torch.Tensor
+    num_crops: int
+
+
+def _fid_kid(feats_a: torch.Tensor, feats_b: torch.Tensor) -> tuple[float, float, float]:
+    """FID, KID mean, KID std."""
+    from .metrics import frechet_distance, kernel_inception_distance
+
+    kid, kid_std = kernel_inception_distance(feats_a, feats_b)
+    return frechet_distance(feats_a, feats_b), kid, kid_std
+
+
+def make_reference(extractor, real: torch.Tensor, base: int, crops_per_image: int, seed: int) -> Reference:
+    from .metrics import random_crops
+
+    crops = random_crops(real, base, crops_per_image, seed)
+    return Reference(real, extractor(real), extractor(crops), crops.shape[0])
+
+
+def score(extractor, fake: torch.Tensor, reference: Reference, base_features: torch.Tensor | None, base: int,
+          crops_per_image: int, seed: int) -> dict:
+    """One table row's numbers and their sample counts (FID_b/KID_b are None without base samples)."""
+    from .metrics import random_crops, resize_images, sliced_wasserstein_distance
+
+    row: dict = {"n_gen": fake.shape[0], "n_real": reference.images.shape[0]}
+    fake_feats = extractor(fake)
+    row["FID_r"], row["KID_r"], row["KID_r_std"] = _fid_kid(fake_feats, reference.features)
+    crops = random_crops(fake, base, crops_per_image, seed + 1)  # other positions than the real crops'
+    row["n_gen_crops"], row["n_real_crops"] = crops.shape[0], reference.num_crops
+    row["pFID_r"], row["pKID_r"], row["pKID_r_std"] = _fid_kid(extractor(crops), reference.crop_features)
+    row["n_base"] = 0 if base_features is None else base_features.shape[0]
+    row["FID_b"] = row["KID_b"] = row["KID_b_std"] = None
+    if base_features is not None:
+        row["FID_b"], row["KID_b"], row["KID_b_std"] = _fid_kid(extractor(resize_images(fake, base)), base_features)
+    row["SWD_x1e3"] = 1e3 * sliced_wasserstein_distance(fake, reference.images, seed=seed).mean
+    return row
+
+
+# --------------------------------------------------------------------------------------------------
+# Results
+
+
+COLUMNS = ["size", "pixels", "mode", "FID_r", "KID_r", "KID_r_std", "pFID_r", "pKID_r", "pKID_r_std", "FID_b", "KID_b",
+           "KID_b_std", "SWD_x1e3", "n_gen", "n_real", "n_gen_crops", "n_real_crops", "n_base", "s_per_image", "features"]
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}g}"
+
+
+def markdown_table(rows: list[dict]) -> list[str]:
+    """One line per (size, mode); counts in parentheses: (generated / reference) images or crops."""
+    lines = ["| size | pixels | mode | FID_r | KID_r | pFID_r | pKID_r | FID_b | KID_b | SWD x1e3 | s / image |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        n_r, n_p, n_b = f"({r['n_gen']}/{r['n_real']})", f"({r['n_gen_crops']}/{r['n_real_crops']})", f"({r['n_gen']}/{r['n_base']})"
+        base = (f"{_fmt(r['FID_b'])} {n_b} | {_fmt(r['KID_b'])} ± {_fmt(r['KID_b_std'], 2)} {n_b}"
+                if r["FID_b"] is not None else "n/a | n/a")
+        lines.append(
+            f"| {r['size']} | {r['pixels']} | {r['mode']} | {_fmt(r['FID_r'])} {n_r} | {_fmt(r['KID_r'])} ± "
+            f"{_fmt(r['KID_r_std'], 2)} {n_r} | {_fmt(r['pFID_r'])} {n_p} | {_fmt(r['pKID_r'])} ± {_fmt(r['pKID_r_std'], 2)} "
+            f"{n_p} | {base} | {_fmt(r['SWD_x1e3'])} {n_r} | {_fmt(r['s_per_image'], 3)} |")
+    return lines
+
+
+def write_results(out: Path, rows: list[dict], header: list[str]) -> None:
+    """``results.csv`` (every column) and ``results.md`` (header + table), each replaced atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_path(out / "results.csv") as tmp:
+        tmp.write_text(buffer.getvalue())
+    with atomic_path(out / "results.md") as tmp:
+        tmp.write_text("\n".join([*header, "", *markdown_table(rows), ""]) + "\n")
+
+
+def write_grid(path: Path, rows: dict[str, torch.Tensor], columns: int, cell: int) -> None:
+    """Rows of images (first ``columns`` of each set), labelled; smaller images are enlarged."""
+    from .grid import make_grid
+
+    cells = [to_pil(images[:columns]) for images in rows.values()]
+    width = min(len(c) for c in cells)
+    grid = make_grid([c[:width] for c in cells], list(rows), [str(i) for i in range(width)], cell=cell)
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
+
+
+# --------------------------------------------------------------------------------------------------
+# The command
+
+
+def _real(cache_dir: Path, records: list[dict], size: int) -> torch.Tensor:
+    from .data.loader import load_images
+
+    return load_images(cache_dir, records, size, "eval").float() / 255
+
+
+def _generated_sets(root: Path) -> dict[tuple[int, str], torch.Tensor]:
+    """``--generated DIR``: its images, or one set per subfolder (named by the subfolder), keyed by (size, name)."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"--generated {root} is not a folder of images (or of folders of images)")
+    folders = [root] if image_files(root) else sorted(p for p in root.iterdir() if p.is_dir() and image_files(p))
+    if not folders:
+        raise FileNotFoundError(f"no images in {root} or its subfolders")
+    sets = {}
+    for folder in folders:
+        images = load_folder(folder)
+        if images.shape[2] != images.shape[3]:
+            raise ValueError(f"{folder}: images are {images.shape[3]}x{images.shape[2]}; the real renders are square")
+        sets[(images.shape[2], folder.name)] = images
+    return sets
+
+
+def evaluate(args: argparse.Namespace) -> list[dict]:
+    """Run the evaluation described in the module docstring; returns the table rows."""
+    from .data.emoji import default_cache_dir, read_manifest
+    from .metrics import load_features
+
+    # 1. data, model, features
+    out = Path(args.out)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    records = read_manifest(cache_dir)
+    num_eval = sum(r["split"] == "eval" for r in records)
+    reference_records = choose_records(records, min(args.num_real, num_eval), args.seed + 1)
+    cascade = None
+    if args.generated is None or args.base_size is None:
+        from .cli import _load
+
+        cascade = _load(args)
+    base = args.base_size or cascade.backbone.base_size[0]
+    extractor = load_features(args.features, args.feature_weights,
+                              device=cascade.backbone.device if cascade is not None else "cpu")
+    logger.info("features: %s", extractor.name)
+    base_samples = load_folder(Path(args.base_samples)) if args.base_samples else None
+
+    # 2. the image sets to score: generated here (cached per mode and size) or read from --generated
+    sets: dict[tuple[int, str], torch.Tensor] = {}
+    timings: dict[tuple[int, str], float | None] = {}
+    chosen: list[dict] = []
+    guidance = None
+    if args.generated is not None:
+        sets = _generated_sets(Path(args.generated))
+        timings = {key: None for key in sets}
+    else:
+        chosen = choose_records(records, args.num_images, args.seed)
+        captions = [r["caption"] for r in chosen]
+        guidance = args.guidance if args.guidance is not None else cascade.backbone.default_guidance_scale
+
+        def generated(mode: str, size: int) -> tuple[torch.Tensor, float]:
+            spec = GenerationSpec(model=cascade.backbone.name, mode=mode, size=size, steps=args.steps, guidance=guidance,
+                                  seed=args.seed, upsamplers=args.upsamplers if mode == "tuned" else None)
+            return generate_set(cascade, spec, captions, out / "generated" / spec.folder_name, args.batch_size,
+                                progress=not args.no_progress)
+
+        if base_samples is None:
+            base_samples = generated("direct", base)[0]
+        for size in args.sizes:
+            for mode in args.modes:
+                sets[(size, mode)], timings[(size, mode)] = generated(mode, size)
+    base_features = extractor(base_samples) if base_samples is not None else None
+
+    # 3. score size by size against the real renders at that size
+    header = [
+        "# Self-cascade evaluation", "",
+        f"Features: `{extractor.name}`. Generated: "
+        + (f"`{args.generated}`" if args.generated else
+           f"{args.model}, {len(chosen)} eval-split captions (seed {args.seed}), one image each with seeds "
+           f"{args.seed}-{args.seed + len(chosen) - 1}, {args.steps} steps, guidance {guidance}")
+        + f". Real: {len(reference_records)} eval-split renders per size. Base size {base} px; pFID/pKID on "
+        f"{args.crops_per_image} random {base} px crops per image; FID_b/KID_b against "
+        + (f"`{args.base_samples}`" if args.base_samples else
+           "n/a" if base_samples is None else "the base model's samples (same captions and seeds)")
+        + ". KID: mean ± std over 100 random subsets of up to 1000 (std ~0 when both sets are that small: every "
+        "subset is then the whole set). Counts in parentheses: (generated / reference) images or crops, the "
+        "reference being the real renders, or the base samples for FID_b/KID_b. Lower is better.",
+    ]
+    rows: list[dict] = []
+    for size in sorted({size for size, _ in sets}):
+        real = _real(cache_dir, reference_records, size)
+        reference = make_reference(extractor, real, base, args.crops_per_image, args.seed)
+        grid_rows = {"real": _real(cache_dir, chosen[:args.grid_images], size) if chosen else real}
+        if base_samples is not None:
+            grid_rows["base"] = base_samples
+        for (set_size, name), fake in sets.items():
+            if set_size != size:
+                continue
+            logger.info("scoring %s at %d px", name, size)
+            row = {"size": size, "pixels": f"{(size / base) ** 2:g}x", "mode": name,
+                   **score(extractor, fake, reference, base_features, base, args.crops_per_image, args.seed),
+                   "s_per_image": timings[(size, name)], "features": extractor.name}
+            rows.append(row)
+            grid_rows[name] = fake
+            logger.info("%s", {k: v for k, v in row.items() if k != "features"})
+        write_grid(out / f"grid_{size}.png", grid_rows, args.grid_images, cell=max(size, 64))
+        write_results(out, rows, header)  # after every size, so an interrupted run keeps what it measured
+    logger.info("wrote %s and %s", out / "results.md", out / "results.csv")
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli import MODES, _add_model_args, parse_guidance
+    from .metrics import FEATURE_KINDS
+
+    _add_model_args(parser)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["direct", "tuning-free"])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="square target sides in pixels")
+    parser.add_argument("--num-images", type=int, default=64, help="eval captions, one generated image each")
+    parser.add_argument("--num-real", type=int, default=512, help="real eval-split renders per size (capped at the split)")
+    parser.add_argument("--steps", type=int, default=50, help="scheduler steps of a full schedule")
+    parser.add_argument("--guidance", type=parse_guidance, default=None, help="guidance scale (default: the model's)")
+    parser.add_argument("--upsamplers", default=None, help="feature-upsampler bank for mode 'tuned'")
+    parser.add_argument("--seed", type=int, default=0, help="caption choice; image i gets seed SEED + i")
+    parser.add_argument("--batch-size", type=int, default=8, help="images generated per call")
+    parser.add_argument("--crops-per-image", type=int, default=4, help="base-size crops per image for pFID/pKID")
+    parser.add_argument("--features", choices=FEATURE_KINDS, default="auto",
+                        help="auto: Inception if torchmetrics, torch-fidelity and cached weights are here, else the "
+                             "shipped emoji network; inception; emoji")
+    parser.add_argument("--feature-weights", default=None,
+                        help="Inception weight file or emoji-network folder (default: torch.hub cache / shipped weights)")
+    parser.add_argument("--generated", default=None,
+                        help="score this folder of images (or its subfolders, one row each) instead of generating")
+    parser.add_argument("--base-samples", default=None,
+                        help="folder of base-size samples for FID_b/KID_b (default: generated by --model; "
+                             "with --generated and no --base-samples, FID_b/KID_b are n/a)")
+    parser.add_argument("--base-size", type=int, default=None, help="base side in pixels (default: --model's)")
+    parser.add_argument("--cache-dir", default=None, help="emoji data set cache (see `selfcascade data build`)")
+    parser.add_argument("--grid-images", type=int, default=8, help="columns of the per-size image grids")
+    parser.add_argument("-o", "--out", default="outputs/evaluate", help="results, grids and cached images go here")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def run(args: argparse.Namespace) -> None:
+    from .metrics import FeatureExtractorUnavailable
+
+    try:
+        evaluate(args)
+    except FeatureExtractorUnavailable as exc:  # its message names the fix; no traceback
+        raise SystemExit(f"error: {exc}") from exc
+
+
+def register_cli(subparsers: "argparse._SubParsersAction") -> None:
+    add_command(subparsers, "evaluate", "FID/KID (full, patch, base) and SWD of modes vs real renders", __doc__,
+                add_arguments, run)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_module("python -m selfcascade.evaluate", __doc__, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    main()

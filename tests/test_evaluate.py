@@ -1,0 +1,203 @@
+"""`selfcascade evaluate` and the offline feature extractor: shapes, round trips, end-to-end tables, known cases."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from selfcascade.cli import main
+from selfcascade.evaluate import COLUMNS, choose_records
+from selfcascade.metrics import EmojiFeatures, FeatureExtractorUnavailable, load_features
+from selfcascade.metrics import features as features_module
+from selfcascade.metrics.emoji_features import DEFAULT_DIR, EmojiFeatureNet, load_feature_net, save_feature_net
+from selfcascade.metrics.train_features import augment, split_holdout
+
+SIZES = (32, 64)
+
+
+def _tiny_net(seed: int = 0) -> EmojiFeatureNet:
+    torch.manual_seed(seed)
+    return EmojiFeatureNet(num_concepts=3, num_styles=2, widths=(8, 16), input_size=32)
+
+
+@pytest.fixture(scope="module")
+def extractor_dir(tmp_path_factory) -> Path:
+    """A random-init extractor saved like the shipped one (no training in tests)."""
+    folder = tmp_path_factory.mktemp("extractor")
+    return save_feature_net(_tiny_net(), folder, {"concepts": ["a", "b", "c"], "styles": ["x", "y"]}, {"steps": 0})
+
+
+@pytest.fixture(scope="module")
+def fake_cache(tmp_path_factory) -> Path:
+    """A data-set cache as `selfcascade data build` lays it out: 2 train and 4 eval records, smooth random images."""
+    cache = tmp_path_factory.mktemp("cache")
+    g = torch.Generator().manual_seed(0)
+    records = []
+    for i in range(6):
+        split = "train" if i < 2 else "eval"
+        records.append({"id": f"img{i}", "source": "twemoji", "style": "twemoji style", "caption": f"shape {i}, twemoji style",
+                        "label": f"shape {i}", "concept": f"shape{i}", "split": split})
+        coarse = torch.rand(1, 3, 4, 4, generator=g)
+        for size in SIZES:
+            image = torch.nn.functional.interpolate(coarse, size=size, mode="bilinear", align_corners=False)[0]
+            path = cache / "images" / str(size) / f"img{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+    (cache / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return cache
+
+
+# --- the extractor ---------------------------------------------------------------------------------
+
+def test_extractor_shape_determinism_and_round_trip(extractor_dir: Path) -> None:
+    images = torch.rand(5, 3, 48, 48, generator=torch.Generator().manual_seed(1))
+    in_memory = EmojiFeatures.from_network(_tiny_net().eval(), "tiny")
+    loaded = EmojiFeatures(extractor_dir)
+    feats = loaded(images)
+    assert feats.shape == (5, 16) and feats.dtype == torch.float32
+    assert torch.equal(feats, loaded(images))  # deterministic
+    assert torch.equal(loaded(images[:2]), feats[:2])  # per-image, whatever the batch
+    torch.testing.assert_close(feats, in_memory(images), rtol=1e-2, atol=1e-3)  # fp16 storage
+    assert loaded.name.startswith("selfcascade-emoji-cnn-16-") and loaded.input_size == 32
+    net, config = load_feature_net(extractor_dir)
+    assert not net.training and config["concepts"] == ["a", "b", "c"] and config["training"] == {"steps": 0}
+
+
+def test_extractor_keeps_training_mode_and_rejects_bad_input() -> None:
+    net = _tiny_net().train()
+    extractor = EmojiFeatures.from_network(net, "tiny")
+    extractor(torch.rand(2, 3, 32, 32))
+    assert net.training  # restored after the eval-mode pass
+    with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
+        extractor(torch.rand(2, 32, 32))
+
+
+def test_missing_extractor_folder_says_how_to_fix(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="train_features"):
+        EmojiFeatures(tmp_path)
+
+
+def test_load_features_choice(extractor_dir: Path, monkeypatch) -> None:
+    assert isinstance(load_features("emoji", extractor_dir), EmojiFeatures)
+    assert isinstance(load_features("auto", extractor_dir), EmojiFeatures)  # a folder means the emoji network
+
+    def unavailable(*args, **kwargs):
+        raise FeatureExtractorUnavailable("no torch-fidelity here")
+
+    monkeypatch.setattr(features_module, "InceptionFeatures", unavailable)
+    with pytest.raises(FeatureExtractorUnavailable, match="torch-fidelity"):
+        load_features("inception")
+    if (DEFAULT_DIR / "model.safetensors").exists():
+        assert load_features("auto").name.startswith("selfcascade-emoji-cnn-")  # falls back to the shipped weights
+    with pytest.raises(ValueError, match="features must be one of"):
+        load_features("pixels")
+
+
+def test_augment_is_seeded_and_in_range() -> None:
+    images = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    a = augment(images, 32, torch.Generator().manual_seed(3), blur_prob=0.5)
+    b = augment(images, 32, torch.Generator().manual_seed(3), blur_prob=0.5)
+    assert a.shape == (6, 3, 32, 32) and torch.equal(a, b)
+    assert a.min() >= 0 and a.max() <= 1
+    assert not torch.equal(a, augment(images, 32, torch.Generator().manual_seed(4), blur_prob=0.5))
+
+
+def test_holdout_keeps_a_training_image_of_every_concept() -> None:
+    records = [{"id": f"{c}{i}", "concept": c} for c in "abcdefghij" for i in range(1 + "abcdefghij".index(c) % 3)]
+    train, held = split_holdout(records, 0.3, seed=0)
+    assert held and len(train) + len(held) == len(records)
+    assert {r["concept"] for r in train} == {r["concept"] for r in records}
+    assert split_holdout(records, 0.3, seed=0) == (train, held)
+
+
+def test_choose_records_is_seeded_and_prefix_stable() -> None:
+    records = [{"id": i, "split": "eval" if i % 3 else "train"} for i in range(30)]
+    assert choose_records(records, 5, 0) == choose_records(records, 8, 0)[:5]
+    assert all(r["split"] == "eval" for r in choose_records(records, 8, 0))
+    with pytest.raises(ValueError, match="eval split has 20"):
+        choose_records(records, 21, 0)
+
+
+# --- the command -----------------------------------------------------------------------------------
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_evaluate_end_to_end_and_resume(tiny_sd_dir: Path, fake_cache: Path, extractor_dir: Path, tmp_path: Path,
+                                        capsys) -> None:
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--model", str(tiny_sd_dir), "--modes", "direct", "tuning-free", "--sizes", "64",
+            "--num-images", "2", "--num-real", "4", "--steps", "2", "--guidance", "1", "--features", "emoji",
+            "--feature-weights", str(extractor_dir), "--cache-dir", str(fake_cache), "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    rows = _read_csv(out / "results.csv")
+    assert [r["mode"] for r in rows] == ["direct", "tuning-free"]
+    for r in rows:
+        assert list(r) == COLUMNS
+        assert all(r[c] not in ("", "None") for c in COLUMNS), r
+        assert (r["n_gen"], r["n_real"], r["n_gen_crops"], r["n_real_crops"], r["n_base"]) == ("2", "4", "8", "16", "2")
+        assert float(r["FID_r"]) >= 0 and float(r["KID_r_std"]) >= 0
+    table = (out / "results.md").read_text()
+    assert "selfcascade-emoji-cnn-16-" in table and "| 64 | 4x | tuning-free |" in table and "(2/4)" in table
+    assert "(8/16)" in table and "(2/2)" in table
+    assert Image.open(out / "grid_64.png").size[0] > 64
+    meta = json.loads((out / "generated" / "tuning-free-64" / "meta.json").read_text())
+    assert meta["generated"] == 2 and sorted(p.name for p in (out / "generated" / "tuning-free-64").glob("*.png")) == [
+        "00000.png", "00001.png"]
+    assert json.loads((out / "generated" / "direct-32" / "meta.json").read_text())["generated"] == 2  # base samples
+
+    (out / "generated" / "direct-64" / "00001.png").unlink()  # an interrupted run: one image missing
+    assert main(argv) == 0
+    assert json.loads((out / "generated" / "direct-64" / "meta.json").read_text())["generated"] == 3  # only it redone
+    assert json.loads((out / "generated" / "tuning-free-64" / "meta.json").read_text())["generated"] == 2
+    again = _read_csv(out / "results.csv")
+    assert [r["FID_r"] for r in again] == [r["FID_r"] for r in rows]  # same seeds, same pixels, same numbers
+
+    steps = argv.index("--steps")
+    assert main([*argv[:steps], "--steps", "3", *argv[steps + 2:]]) == 2  # other settings, same cache: refused
+    assert "delete it or write to another --out" in capsys.readouterr().err
+
+
+def test_generated_dir_identical_to_real_scores_zero(fake_cache: Path, extractor_dir: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    for name in ("copy", "noisy"):
+        (runs / name).mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for path in sorted((fake_cache / "images" / "64").glob("img[2-5].png")):  # the eval split's renders
+        shutil.copy(path, runs / "copy" / path.name)
+        image = torch.from_numpy(np.array(Image.open(path))).float() / 255
+        noisy = (image + 0.3 * torch.randn(image.shape, generator=g)).clamp(0, 1)
+        Image.fromarray((noisy.numpy() * 255).round().astype(np.uint8)).save(runs / "noisy" / path.name)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--generated", str(runs), "--base-size", "32", "--num-real", "4", "--features", "emoji",
+                 "--feature-weights", str(extractor_dir), "--cache-dir", str(fake_cache), "--out", str(out)]) == 0
+    rows = {r["mode"]: r for r in _read_csv(out / "results.csv")}
+    assert set(rows) == {"copy", "noisy"}
+    copy, noisy = rows["copy"], rows["noisy"]
+    # Random-init features are tiny, so compare with the degraded set rather than with absolute numbers.
+    assert float(noisy["FID_r"]) > 0 and float(copy["FID_r"]) <= 1e-6 * float(noisy["FID_r"])
+    assert float(copy["KID_r"]) < float(noisy["KID_r"])
+    assert float(copy["SWD_x1e3"]) < float(noisy["SWD_x1e3"])
+    assert copy["FID_b"] == "" and copy["n_base"] == "0"  # no --base-samples: n/a
+    assert "n/a | n/a" in (out / "results.md").read_text()
+
+
+def test_generated_dir_errors(tmp_path: Path, fake_cache: Path, extractor_dir: Path) -> None:
+    common = ["--base-size", "32", "--features", "emoji", "--feature-weights", str(extractor_dir),
+              "--cache-dir", str(fake_cache), "--out", str(tmp_path / "eval")]
+    (tmp_path / "empty").mkdir()
+    assert main(["evaluate", "--generated", str(tmp_path / "empty"), *common]) == 2  # "no images": exit 2, no traceback
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.new("RGB", (64, 64)).save(mixed / "a.png")
+    Image.new("RGB", (32, 32)).save(mixed / "b.png")
+    assert main(["evaluate", "--generated", str(mixed), *common]) == 2

@@ -174,6 +174,15 @@ def test_per_stage_guidance(sd, sd_64, tiny_sd):
     assert np.abs(out.images - sd_64.images).max() > 1e-3  # stage 1 did not
 
 
+def test_model_default_guidance_can_differ_at_later_stages(tiny_sd):
+    cascade = SelfCascadePipeline.from_pipe(tiny_sd)
+    cascade.backbone.default_refine_guidance_scale = 1.0
+    out = cascade(PROMPT, 128, 128, seed=0, output_type="np", **FAST)
+    assert out.settings["guidance_scale"] == [7.5, 1.0, 1.0]
+    assert cascade(PROMPT, 128, 128, seed=0, output_type="np", guidance_scale=3.0, **FAST).settings[
+        "guidance_scale"] == [3.0, 3.0, 3.0]  # a caller's value applies to every stage
+
+
 def test_no_guidance_runs_without_negative_branch(sd, tiny_sd):
     sizes, handle = _unet_batch_sizes(tiny_sd.unet)
     try:

@@ -252,8 +252,9 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, int, int, float | list[floa
     bb = cascade.backbone
     height = bb.base_size[0] * 2 if args.height is None else args.height
     width = bb.base_size[1] * 2 if args.width is None else args.width
-    guidance = args.guidance if args.guidance is not None else bb.default_guidance_scale
-    return cascade, height, width, guidance, cascade.plan(height, width, args.mode)
+    plan = cascade.plan(height, width, args.mode)
+    guidance = args.guidance if args.guidance is not None else bb.stage_guidance(plan.num_stages)
+    return cascade, height, width, guidance, plan
 
 
 def _dry_run(args: argparse.Namespace, cascade: Any, height: int, width: int, guidance: float | list[float],

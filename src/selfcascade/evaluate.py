@@ -271,6 +271,11 @@ def _generated_sets(root: Path) -> dict[tuple[int, str], torch.Tensor]:
     return sets
 
 
+def _default_guidance_text(backbone) -> str:
+    base, refine = backbone.stage_guidance(2)
+    return f"{base:g}" if base == refine else f"{base:g} at the base size, {refine:g} at later stages (the model's default)"
+
+
 def evaluate(args: argparse.Namespace) -> list[dict]:
     """Run the evaluation described in the module docstring; returns the table rows."""
     from .data.emoji import default_cache_dir, read_manifest
@@ -304,7 +309,7 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
     else:
         chosen = choose_records(records, args.num_images, args.seed)
         captions = [r["caption"] for r in chosen]
-        guidance = args.guidance if args.guidance is not None else cascade.backbone.default_guidance_scale
+        guidance = args.guidance  # None: the model's default, per stage
 
         def generated(mode: str, size: int) -> tuple[torch.Tensor, float]:
             spec = GenerationSpec(model=cascade.backbone.name, mode=mode, size=size, steps=args.steps, guidance=guidance,
@@ -325,7 +330,8 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
         f"Features: `{extractor.name}`. Generated: "
         + (f"`{args.generated}`" if args.generated else
            f"{args.model}, {len(chosen)} eval-split captions (seed {args.seed}), one image each with seeds "
-           f"{args.seed}-{args.seed + len(chosen) - 1}, {args.steps} steps, guidance {guidance}")
+           f"{args.seed}-{args.seed + len(chosen) - 1}, {args.steps} steps, guidance "
+           f"{guidance if guidance is not None else _default_guidance_text(cascade.backbone)}")
         + f". Real: {len(reference_records)} eval-split renders per size. Base size {base} px; pFID/pKID on "
         f"{args.crops_per_image} random {base} px crops per image; FID_b/KID_b against "
         + (f"`{args.base_samples}`" if args.base_samples else

@@ -69,6 +69,8 @@ def card_text(info: dict, captions: Sequence[str]) -> str:
         f"EMA {info['ema_max_decay']}, caption dropout {info['caption_dropout']} (for guidance) |",
         f"| wall time | {hours:.1f} h of training on {info.get('hardware', 'unrecorded hardware')} |",
         "| objective | epsilon prediction, DDPM linear betas 1e-4..0.02, 1000 steps |",
+        f"| sampling defaults | guidance 7.5 at the base size, {info.get('refine_guidance_scale', 7.5):g} at later cascade "
+        "stages (guidance there turns patches of the pivot into whole objects: repetition) |",
         "| licence | code Apache-2.0; weights inherit the artwork licences (CC BY-SA 4.0, CC BY 4.0, Apache-2.0, MIT) |",
         "",
         f"![samples]({SAMPLES_PNG})",

@@ -306,8 +306,8 @@ class SelfCascadePipeline:
                                  "(the cascade's equivalent is noise_level).")
             k = resolve_k(num_train_timesteps, K, noise_level, default=bb.default_k)
             pivot_space = pivot_space or "latent"
-        guidance = self._guidance(bb.default_guidance_scale if guidance_scale is None else guidance_scale,
-                                  plan.num_stages)
+        guidance = (bb.stage_guidance(plan.num_stages) if guidance_scale is None
+                    else self._guidance(guidance_scale, plan.num_stages))
         batch = len(prompts) * num_images_per_prompt
         seeds = self._seeds(seed, batch)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt

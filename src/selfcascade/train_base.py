@@ -170,6 +170,8 @@ def _card_info(state: dict) -> dict:
         "unconditional_prompt": "",
         "hardware": state.get("hardware", ""),
         "max_length": state["args"]["max_length"],
+        # Measured on the eval split (README, "Status"): guidance at later stages repeats objects on this model.
+        "refine_guidance_scale": 1.0,
     }
 
 

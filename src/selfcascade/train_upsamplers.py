@@ -238,7 +238,7 @@ def _validation_grid(cascade, bank: UpsamplerBank, prompts: list[str], size: int
     rows = []
     for mode, extra in (("tuning-free", {}), ("tuned", {"upsamplers": banks})):
         out = cascade(prompts, size, size, mode=mode, num_inference_steps=steps, seed=seed, progress=False,
-                      guidance_scale=cascade.backbone.default_guidance_scale, **extra)
+                      **extra)
         rows.append(out.images)
     return make_grid(rows, ["tuning-free", "tuned"], [p[:14] for p in prompts])
 

@@ -47,6 +47,9 @@ class Backbone:
     name: str = "unknown"
     #: Classifier-free guidance used when the caller gives none (SD's customary 7.5).
     default_guidance_scale: float = 7.5
+    #: Guidance at stages r >= 1 when the caller gives none (None: as stage 0). A small model can need
+    #: less there: guidance pushes each patch of the re-noised pivot toward a whole object, i.e. repetition.
+    default_refine_guidance_scale: float | None = None
     #: Frames per clip when the caller gives none; None for image models (latents [B, C, H, W]).
     default_num_frames: int | None = None
 
@@ -100,6 +103,11 @@ class Backbone:
         sample = self.unet.config.sample_size
         h, w = (sample, sample) if isinstance(sample, int) else sample
         return h * self.spatial_factor, w * self.spatial_factor
+
+    def stage_guidance(self, num_stages: int) -> list[float]:
+        """The model's default guidance scale for each stage of a plan."""
+        refine = self.default_refine_guidance_scale
+        return [self.default_guidance_scale] + [self.default_guidance_scale if refine is None else refine] * (num_stages - 1)
 
     def default_banks(self, stage_sizes: list[tuple[int, int]]) -> list[str] | None:
         """Feature-upsampler banks shipped with the model, one per stage r >= 1 (tuned mode's default); None here."""

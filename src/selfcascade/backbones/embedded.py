@@ -27,13 +27,15 @@ class EmbeddedBackbone(Backbone):
     spatial_factor = 1
 
     def __init__(self, unet: torch.nn.Module, scheduler, text_encoder, name: str = "embedded",
-                 default_guidance_scale: float | None = None) -> None:
+                 default_guidance_scale: float | None = None, refine_guidance_scale: float | None = None) -> None:
         super().__init__(unet, scheduler)
         self.text_encoder = text_encoder
         self.latent_channels = unet.config.in_channels
         self.name = name
         if default_guidance_scale is not None:
             self.default_guidance_scale = default_guidance_scale
+        if refine_guidance_scale is not None:
+            self.default_refine_guidance_scale = refine_guidance_scale
 
     @classmethod
     def from_folder(cls, path: str | Path | None = None) -> "EmbeddedBackbone":
@@ -54,7 +56,8 @@ class EmbeddedBackbone(Backbone):
         scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
         encoder = TextEncoder(max_length=int(config.get("max_length", 32)))
         name = "embedded" if path is None else str(folder)
-        return cls(unet, scheduler, encoder, name=name, default_guidance_scale=config.get("guidance_scale"))
+        return cls(unet, scheduler, encoder, name=name, default_guidance_scale=config.get("guidance_scale"),
+                   refine_guidance_scale=config.get("refine_guidance_scale"))
 
     def default_banks(self, stage_sizes: list[tuple[int, int]]) -> list[str] | None:
         """The banks under ``<model>/banks/``: per stage, the one tuned for the nearest side (e.g. 64, 128)."""

@@ -202,6 +202,7 @@ def test_cli_train_resume_extend_and_generate(tiny_sd_dir, caption_folder, tmp_p
     assert state["step"] == 3 and [s for s, _ in state["losses"]] == [1, 2, 3]
     config = json.loads((run / "bank" / "config.json").read_text())
     assert config["scale"] == 4.0 and config["train_size"] == [64, 64] and config["base_model"] == str(tiny_sd_dir)
+    assert config["train_steps"] == 3
 
     extended = tmp_path / "extended"
     assert main(["train-upsamplers", "--model", str(tiny_sd_dir), "--data", str(caption_folder), "--scale", "16",

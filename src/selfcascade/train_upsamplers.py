@@ -209,6 +209,12 @@ def tuning_loss(backbone: Backbone, bank: torch.nn.Module, z0: torch.Tensor, emb
 # Checkpoints (safetensors + json only)
 
 
+def save_bank(bank: UpsamplerBank, folder: Path, step: int) -> None:
+    """The bank as safetensors + config, the config recording how many tuning steps made it."""
+    bank.register_to_config(train_steps=step)
+    bank.save_pretrained(folder, safe_serialization=True)
+
+
 def save_checkpoint(run_dir: Path, bank: UpsamplerBank, optimizer: torch.optim.Optimizer, state: dict) -> Path:
     return write_checkpoint(run_dir, optimizer, state, lambda folder: bank.save_pretrained(folder / "bank", safe_serialization=True))
 
@@ -329,15 +335,14 @@ def train(args: argparse.Namespace, data: ImageCaptions | None = None) -> dict:
             if accelerator.is_main_process:
                 save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, state)
         if args.snapshot_every and step % args.snapshot_every == 0 and accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(run_dir / "snapshots" / f"step-{step:06d}",
-                                                            safe_serialization=True)
+            save_bank(accelerator.unwrap_model(model), run_dir / "snapshots" / f"step-{step:06d}", step)
         if args.validate_every and step % args.validate_every == 0 and accelerator.is_main_process:
             _validate(cascade, accelerator.unwrap_model(model), validation_prompts, high, args, run_dir, step)
     bar.close()
     state["step"] = step
     if accelerator.is_main_process:
         output = Path(args.output) if args.output else run_dir / "bank"
-        accelerator.unwrap_model(model).save_pretrained(output, safe_serialization=True)
+        save_bank(accelerator.unwrap_model(model), output, step)
         logger.info("bank saved to %s (step %d, loss %.4f, %.1f s)", output, step, smooth or float("nan"),
                     state["train_seconds"])
     return state

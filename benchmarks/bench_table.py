@@ -1,0 +1,257 @@
+"""The paper's Tables 1-2 on the embedded model: every method side by side at 4x and 16x pixels (and 64x).
+
+    python benchmarks/bench_table.py --quick                       # minutes on 2 CPU cores
+    python benchmarks/bench_table.py --sizes 64 128 256 --num-images 256 --steps 50
+
+Rows: direct inference, Attn-SF, ScaleCrafter-style re-dilation, hires fix, the tuning-free and tuned
+self-cascade, and the training baselines (full fine-tuning, LoRA rank 4 and 32) wherever their runs
+exist (``--bank``, ``--full``, ``--lora4``, ``--lora32``: a ``selfcascade train-upsamplers`` /
+``selfcascade finetune`` run folder; a fine-tuned UNet is used only at the size it was tuned for).
+Columns: trainable parameters and training steps, seconds per image and peak memory measured side by
+side in this run (batch 1, methods alternated, after a warm-up; ratios to direct inference at the same
+size), and the metrics of ``selfcascade evaluate`` on the eval split (generated images cached under
+``--out``, so an interrupted run resumes). ``--curves`` adds the paper's Fig. 5: FID_r at the tuning size
+over training steps for the bank and the fine-tuning runs, from their ``snapshots/``.
+Writes ``benchmarks/results/table_<model>.{md,csv}`` and ``table_<model>_curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from selfcascade import SelfCascadePipeline
+from selfcascade.baselines.finetune import load_unet_weights
+from selfcascade.data.emoji import default_cache_dir, read_manifest
+from selfcascade.evaluate import GenerationSpec, _real, choose_records, generate_set, make_reference, score
+from selfcascade.metrics import load_features
+from selfcascade.upsamplers import UpsamplerBank
+
+from bench_inference import PeakMemory, device_name
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TRAINING_FREE = ["direct", "attn-sf", "redilate", "hires-fix", "tuning-free"]
+
+
+@dataclass
+class Method:
+    label: str
+    mode: str
+    cascade: SelfCascadePipeline
+    trainable: int = 0
+    steps: int = 0
+    upsamplers: str | None = None
+    only_size: int | None = None  # fine-tuned UNets: the size they were tuned at
+
+    def spec(self, size: int, steps: int, seed: int) -> GenerationSpec:
+        model = self.cascade.backbone.name + ("" if self.label == self.mode else f"+{self.label}")
+        return GenerationSpec(model=model, mode=self.mode, size=size, steps=steps, guidance=None, seed=seed,
+                              upsamplers=self.upsamplers)
+
+    def __call__(self, prompt: str, size: int, steps: int, seed: int):
+        return self.cascade(prompt, size, size, mode=self.mode, num_inference_steps=steps, seed=seed,
+                            upsamplers=self.upsamplers, output_type="np", progress=False)
+
+
+def args_sizes(args: argparse.Namespace) -> list[tuple[int, int]]:
+    return [(s, s) for s in args.sizes]
+
+
+def load_methods(args: argparse.Namespace) -> list[Method]:
+    base = SelfCascadePipeline.from_pretrained(args.model)
+    methods = [Method(mode, mode, base) for mode in TRAINING_FREE]
+    if args.bank is not None:
+        bank = args.bank / "bank" if (args.bank / "bank").is_dir() else args.bank
+        params = UpsamplerBank.from_pretrained(bank).num_parameters()
+        steps = UpsamplerBank.load_config(bank).get("train_steps", 0)
+        methods.append(Method("tuned", "tuned", base, params, steps, upsamplers=str(bank)))
+    elif base.backbone.default_banks([base.backbone.base_size]):  # the model's shipped banks
+        shipped = {b: UpsamplerBank.load_config(b) for b in base.backbone.default_banks(args_sizes(args))}
+        params = sum(UpsamplerBank.from_pretrained(b).num_parameters() for b in shipped)
+        methods.append(Method("tuned", "tuned", base, params, sum(c.get("train_steps", 0) for c in shipped.values())))
+    for label in ("full", "lora4", "lora32"):
+        run = getattr(args, label)
+        if run is None:
+            continue
+        cascade = SelfCascadePipeline.from_pretrained(args.model)
+        info = load_unet_weights(cascade.backbone.unet, run / "model", cascade.backbone.name)
+        methods.append(Method(f"{label}-ft" if label == "full" else label, "direct", cascade,
+                              info["trainable_parameters"], info["steps"], only_size=info["size"]))
+    if args.methods:
+        methods = [m for m in methods if m.label in args.methods]
+    return methods
+
+
+def time_methods(methods: list[Method], size: int, steps: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """Median seconds per image and peak MiB at batch 1, methods alternated so they share machine states."""
+    device = methods[0].cascade.backbone.device
+    times = {m.label: [] for m in methods}
+    peaks = {m.label: [] for m in methods}
+    for m in methods:
+        m("warm-up", size, steps, seed=0)
+    for rep in range(repeats):
+        for m in methods:
+            with PeakMemory(device) as mem:
+                start = time.perf_counter()
+                m("red apple, fruit, noto style", size, steps, seed=rep)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[m.label].append(time.perf_counter() - start)
+            peaks[m.label].append(mem.mib)
+    return {k: (statistics.median(v), max(peaks[k])) for k, v in times.items()}
+
+
+def curves(args: argparse.Namespace, extractor, captions: list[str], reference, out: Path) -> list[dict]:
+    """FID_r at the tuning size over training steps, from each run's snapshots (Fig. 5 of the paper)."""
+    points = []
+    for label in ("bank", "full", "lora4", "lora32"):
+        run = getattr(args, label)
+        if run is None:
+            continue
+        for snap in sorted((run / "snapshots").glob("step-*")):
+            step = int(snap.name.split("-")[1])
+            cascade = SelfCascadePipeline.from_pretrained(args.model)
+            if label == "bank":
+                method = Method("tuned", "tuned", cascade, upsamplers=str(snap))
+            else:
+                load_unet_weights(cascade.backbone.unet, snap, cascade.backbone.name)
+                method = Method(label, "direct", cascade)
+            spec = method.spec(args.curve_size, args.steps, args.seed)
+            spec.model += f"@{snap}"
+            fake, _ = generate_set(cascade, spec, captions, out / "curves" / f"{label}-{step:06d}", args.batch_size)
+            row = score(extractor, fake, reference, None, cascade.backbone.base_size[0], args.crops_per_image, args.seed)
+            points.append({"run": label, "step": step, "FID_r": row["FID_r"], "KID_r": row["KID_r"], "n_gen": row["n_gen"]})
+            print(points[-1], flush=True)
+    return points
+
+
+def plot_curves(points: list[dict], path: Path, size: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    names = {"bank": "upsampler tuning (ours)", "full": "full fine-tuning", "lora4": "LoRA r4", "lora32": "LoRA r32"}
+    for run in names:
+        xs = [(p["step"], p["FID_r"]) for p in points if p["run"] == run]
+        if xs:
+            ax.plot(*zip(*sorted(xs)), marker="o", label=names[run])
+    ax.set_xlabel("training steps")
+    ax.set_ylabel(f"FID_r at {size} px (emoji features)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def write(rows: list[dict], lines: list[str], stem: Path) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {stem}.md and .csv")
+
+
+def _f(value, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}g}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="square target sides")
+    parser.add_argument("--num-images", type=int, default=64, help="eval captions per (method, size)")
+    parser.add_argument("--num-real", type=int, default=512, help="real eval renders per size")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="timing repeats per method and size")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--crops-per-image", type=int, default=4)
+    parser.add_argument("--methods", nargs="+", default=None, help="only these rows (labels)")
+    parser.add_argument("--bank", type=Path, default=None, help="train-upsamplers run (default: the shipped banks)")
+    parser.add_argument("--full", type=Path, default=None, help="finetune --method full run")
+    parser.add_argument("--lora4", type=Path, default=None, help="finetune --method lora --rank 4 run")
+    parser.add_argument("--lora32", type=Path, default=None, help="finetune --method lora --rank 32 run")
+    parser.add_argument("--curves", action="store_true", help="FID over training steps from the runs' snapshots")
+    parser.add_argument("--curve-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("runs/table"), help="cached images")
+    parser.add_argument("--quick", action="store_true", help="16 images, 20 steps, 64 px only, 1 timing repeat")
+    args = parser.parse_args()
+    if args.quick:
+        args.num_images, args.steps, args.sizes, args.repeats, args.num_real = 16, 20, [64], 1, 256
+    torch.set_num_threads(args.threads)
+
+    methods = load_methods(args)
+    base_cascade = methods[0].cascade
+    base = base_cascade.backbone.base_size[0]
+    cache_dir = default_cache_dir()
+    records = read_manifest(cache_dir)
+    captions = [r["caption"] for r in choose_records(records, args.num_images, args.seed)]
+    reference_records = choose_records(records, args.num_real, args.seed + 1)
+    extractor = load_features("auto", None, device=base_cascade.backbone.device)
+    base_spec = GenerationSpec(base_cascade.backbone.name, "direct", base, args.steps, None, args.seed)
+    base_samples, _ = generate_set(base_cascade, base_spec, captions, args.out / f"direct-{base}", args.batch_size)
+    base_features = extractor(base_samples)
+
+    rows, references = [], {}
+    for size in args.sizes:
+        active = [m for m in methods if m.only_size in (None, size)]
+        timing = time_methods(active, size, args.steps, args.repeats)
+        references[size] = make_reference(extractor, _real(cache_dir, reference_records, size), base,
+                                          args.crops_per_image, args.seed)
+        for m in active:
+            fake, _ = generate_set(m.cascade, m.spec(size, args.steps, args.seed), captions,
+                                   args.out / f"{m.label}-{size}", args.batch_size)
+            metrics = score(extractor, fake, references[size], base_features, base, args.crops_per_image, args.seed)
+            seconds, peak = timing[m.label]
+            rows.append({"size": size, "pixels": f"{(size / base) ** 2:g}x", "method": m.label,
+                         "trainable_params": m.trainable, "train_steps": m.steps, "s_per_image": round(seconds, 3),
+                         "x_direct": round(seconds / timing["direct"][0], 3), "peak_mib": round(peak, 1), **metrics})
+            print({k: rows[-1][k] for k in ("size", "method", "x_direct", "FID_r", "pFID_r", "FID_b", "SWD_x1e3")},
+                  flush=True)
+
+    name = Path(args.model).name
+    lines = [
+        f"# Methods side by side on the `{name}` model", "",
+        f"Device: {device_name(args.threads)}; torch {torch.__version__}. {args.num_images} eval-split captions (unseen "
+        f"concepts), one image each (seeds {args.seed}-{args.seed + args.num_images - 1}), {args.steps} DDIM steps, the "
+        f"model's default guidance; {len(reference_records)} real eval renders per size; features `{extractor.name}`. "
+        f"Time and peak memory: batch 1, median of {args.repeats} after a warm-up, methods alternated in one process "
+        "(CPU peak = rise of the resident set). KID: mean ± std over subsets. Counts: (generated / reference). "
+        "Lower is better everywhere. Fine-tuned UNets appear only at the size they were tuned at.", "",
+        "| pixels | size | method | trainable params | train steps | s / image | x direct | peak MiB | FID_r | KID_r | "
+        "pFID_r | pKID_r | FID_b | KID_b | SWD x1e3 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        n, nc, nb = f"({r['n_gen']}/{r['n_real']})", f"({r['n_gen_crops']}/{r['n_real_crops']})", f"({r['n_gen']}/{r['n_base']})"
+        lines.append(
+            f"| {r['pixels']} | {r['size']} | {r['method']} | {r['trainable_params']:,} | {r['train_steps']} | "
+            f"{r['s_per_image']} | {r['x_direct']} | {r['peak_mib']} | {_f(r['FID_r'])} {n} | {_f(r['KID_r'], 3)} ± "
+            f"{_f(r['KID_r_std'], 2)} | {_f(r['pFID_r'])} {nc} | {_f(r['pKID_r'], 3)} ± {_f(r['pKID_r_std'], 2)} | "
+            f"{_f(r['FID_b'])} {nb} | {_f(r['KID_b'], 3)} | {_f(r['SWD_x1e3'])} |")
+    stem = RESULTS / f"table_{name}{'_quick' if args.quick else ''}"
+    if args.curves:
+        size = args.curve_size
+        reference = references.get(size) or make_reference(extractor, _real(cache_dir, reference_records, size), base,
+                                                           args.crops_per_image, args.seed)
+        points = curves(args, extractor, captions, reference, args.out)
+        if points:
+            plot_curves(points, stem.with_name(stem.name + "_curves.png"), size)
+            lines += ["", f"FID_r at {size} px over training steps ({args.num_images} images each): "
+                      f"![curves]({stem.name}_curves.png)", "", "| run | step | FID_r | KID_r |", "|---|---|---|---|"]
+            lines += [f"| {p['run']} | {p['step']} | {_f(p['FID_r'])} | {_f(p['KID_r'], 3)} |" for p in points]
+    write(rows, lines, stem)
+
+
+if __name__ == "__main__":
+    main()

@@ -258,5 +258,141 @@ def test_cli_dry_run_prints_frames_and_plan(video_dir, capsys):
     assert _cli(video_dir, "unused.gif", "--dry-run", "--frames", "5") == 0
     out = capsys.readouterr().out
     settings = json.loads(out[: out.index("scale plan")])
-    assert settings["frames"] == 5 and settings["guidance"] == 9.0 and settings["outputs"] == ["unused.gif"]
+    assert settings["frames"] == 5 and settings["guidance"] == [9.0, 9.0] and settings["outputs"] == ["unused.gif"]
     assert "16x16 -> target 32x32" in out
+
+
+# ------------------------------------------------------------------------ tuning on clips
+def _moving_square(frames: int, seed: int, size: tuple[int, int] = (40, 36)) -> list[Image.Image]:
+    """A coloured square sliding over a fixed noise background (not square, so the loader crops)."""
+    rng = np.random.default_rng(seed)
+    background = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    colour = rng.integers(0, 255, 3, dtype=np.uint8)
+    clip = []
+    for f in range(frames):
+        frame = background.copy()
+        frame[10:22, 4 + 3 * f:16 + 3 * f] = colour
+        clip.append(Image.fromarray(frame))
+    return clip
+
+
+@pytest.fixture
+def clip_folder(tmp_path):
+    """Two GIFs (4 and 5 frames), one folder of PNG frames (4), and a 2-frame GIF that --frames 3 skips."""
+    from selfcascade.io import save_video
+
+    folder = tmp_path / "clips"
+    for name, frames, target in (("a", 4, "a.gif"), ("b", 5, "b.gif"), ("c", 4, "c"), ("short", 2, "short.gif")):
+        save_video(_moving_square(frames, seed=len(name) + frames), folder / target)
+        (folder / f"{name}.txt").write_text(f"{PROMPT} {name}")
+    return folder
+
+
+def test_clip_folder_loads_the_first_frames_and_skips_short_clips(clip_folder, caplog):
+    from selfcascade.train_upsamplers import load_data
+
+    data = load_data(clip_folder, 16, frames=FRAMES)
+    assert tuple(data.images.shape) == (3, 3, FRAMES, 16, 16) and data.num_frames == FRAMES
+    assert data.captions == [f"{PROMPT} a", f"{PROMPT} b", f"{PROMPT} c"]
+    assert "1 of 4 clips" in caplog.text and "fewer than --frames 3" in caplog.text
+    with Image.open(clip_folder / "b.gif") as gif:  # frames 0..2 of b, centre-cropped 40x36 -> 36x36, resized
+        for f in range(FRAMES):
+            gif.seek(f)
+            frame = gif.convert("RGB").crop((2, 0, 38, 36)).resize((16, 16), Image.BICUBIC, reducing_gap=None)
+            np.testing.assert_array_equal(data.images[1, :, f].permute(1, 2, 0).numpy(), np.asarray(frame))
+    with pytest.raises(ValueError, match="every clip .* has fewer than --frames 6 frames; lower --frames"):
+        load_data(clip_folder, 16, frames=6)
+
+
+def test_pivot_cache_keeps_each_clips_frame_rows_together(video):
+    from selfcascade.train_upsamplers import ImageCaptions, PivotCache
+
+    bb = video.backbone
+    clips = torch.randint(0, 256, (2, 3, FRAMES, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    data = ImageCaptions(clips, [PROMPT, "the pear"])
+    z, embeds, features = PivotCache(bb, data, low_size=16).batch([1, 0], [False, True])
+    assert tuple(z.shape) == (2, 4, FRAMES, 16, 16) and embeds.batch_size == 2
+    assert [tuple(f.shape) for f in features] == [(2 * FRAMES, 16, 8, 8), (2 * FRAMES, 32, 4, 4)]
+    alone = PivotCache(bb, data, low_size=16).batch([1], [False])[2]
+    for both, one in zip(features, alone):  # clip 1's rows come first, all FRAMES of them
+        torch.testing.assert_close(both[:FRAMES], one, atol=1e-5, rtol=0)
+
+
+def test_tuning_on_clips_lowers_loss_with_the_base_frozen():
+    from selfcascade.train_upsamplers import ImageCaptions, PivotCache, tuning_loss
+
+    from test_upsamplers import _checksum
+
+    bb = SelfCascadePipeline.from_pipe(make_tiny_video(seed=0)).backbone
+    bb.freeze()  # as train-upsamplers does
+    before = _checksum(bb.unet)
+    clips = torch.randint(0, 256, (2, 3, FRAMES, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    z0, embeds, features = PivotCache(bb, ImageCaptions(clips, [PROMPT, ""]), low_size=16).batch([0, 1], [False, True])
+    bank = UpsamplerBank.for_unet(bb.unet)
+    optimizer = torch.optim.Adam(bank.parameters(), lr=3e-2)
+    t, noise = torch.tensor([100, 500]), torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(15):
+        loss = tuning_loss(bb, bank, z0, embeds, features, t, noise)  # 5-D latents, B*F feature rows
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert _checksum(bb.unet) == before and all(p.grad is None for p in bb.unet.parameters())
+    assert _hook_count(bb.unet) == 0
+
+
+def _folder_checksum(folder) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _train(model, data, run, *extra: str) -> int:
+    return main(["train-upsamplers", "--model", str(model), "--data", str(data), "--size", "32", "--batch-size", "2",
+                 "--run-dir", str(run), "--threads", "1", "--log-every", "1", *extra])
+
+
+def test_cli_tunes_a_bank_on_clips_resumes_and_samples_tuned(video, video_dir, clip_folder, tmp_path):
+    run, before = tmp_path / "run", _folder_checksum(video_dir)
+    common = ["--frames", str(FRAMES)]
+    assert _train(video_dir, clip_folder, run, *common, "--max-steps", "2", "--validate-every", "2",
+                  "--validation-steps", "2") == 0
+    with Image.open(run / "validation" / "step-000002.png") as grid:  # 2 rows (modes) x 3 clips' middle frames
+        assert grid.height > 2 * 32 and grid.width > 3 * 32
+    assert _train(video_dir, clip_folder, run, *common, "--max-steps", "3", "--validate-every", "0") == 0  # resumes
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 3 and [s for s, _ in state["losses"]] == [1, 2, 3] and state["args"]["frames"] == FRAMES
+    config = json.loads((run / "bank" / "config.json").read_text())
+    assert config["train_size"] == [32, 32] and config["train_steps"] == 3 and config["base_model"] == str(video_dir)
+    assert _folder_checksum(video_dir) == before  # the base model is never written
+
+    free = video(PROMPT, 32, 32, seed=0, output_type="latent", **FAST).images
+    tuned = video(PROMPT, 32, 32, mode="tuned", upsamplers=str(run / "bank"), seed=0, output_type="latent", **FAST)
+    assert tuned.images.shape == free.shape == (1, 4, FRAMES, 16, 16)
+    assert not torch.equal(tuned.images, free)  # three steps moved the zero-initialised output layers
+
+
+def test_cli_clear_errors_when_model_and_data_kinds_differ(video_dir, tiny_sd_dir, clip_folder, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(images / "one.png")
+    (images / "one.txt").write_text(PROMPT)
+    assert _train(video_dir, images, tmp_path / "r1", "--max-steps", "1") == 2
+    assert "holds images, not clips: a text-to-video model tunes on a folder of .gif/.mp4" in capsys.readouterr().err
+    manifest = tmp_path / "dataset"
+    manifest.mkdir()
+    (manifest / "manifest.jsonl").write_text("")
+    assert _train(video_dir, manifest, tmp_path / "r2", "--max-steps", "1") == 2
+    assert "is an image data set: a text-to-video model tunes on" in capsys.readouterr().err
+    assert main(["train-upsamplers", "--model", str(tiny_sd_dir), "--data", str(clip_folder), "--size", "64",
+                 "--run-dir", str(tmp_path / "r3"), "--threads", "1"]) == 2
+    assert "holds video clips (4, e.g. a.gif) and no images" in capsys.readouterr().err
+    assert main(["train-upsamplers", "--model", str(tiny_sd_dir), "--data", str(images), "--frames", "3",
+                 "--run-dir", str(tmp_path / "r4"), "--threads", "1"]) == 2
+    assert "--frames applies only to text-to-video models" in capsys.readouterr().err
+    assert not any((tmp_path / r).exists() for r in ("r1", "r2", "r3", "r4"))

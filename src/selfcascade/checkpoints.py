@@ -8,6 +8,7 @@ renamed into place, so a run killed at any moment leaves one complete checkpoint
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -61,6 +62,31 @@ def load_optimizer(optimizer: torch.optim.Optimizer, path: Path, state: dict) ->
         pid, name = key.split(".", 1)
         per_param.setdefault(int(pid), {})[name] = value
     optimizer.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})
+
+
+def optimizer_step(accelerator, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params, grad_clip: float) -> None:
+    """Backward through accelerate (mixed precision, several processes), clip the gradient norm (0: off), step."""
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    if grad_clip > 0:
+        accelerator.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+
+
+def record_loss(accelerator, loss: torch.Tensor, state: dict, step: int, bar, log_every: int = 0,
+                decay: float = 0.95) -> float:
+    """The step's loss averaged over processes, into ``state`` (smoothed ``loss``; every ``log_every``
+    steps the ``losses`` curve) and onto the progress bar; a non-finite loss stops training."""
+    value = accelerator.gather(loss.detach()[None]).mean().item()
+    if not math.isfinite(value):
+        raise FloatingPointError(f"loss became {value} at step {step}; lower --lr or check the data")
+    smooth = state.get("loss")
+    state["loss"] = value if smooth is None else decay * smooth + (1 - decay) * value
+    if log_every and step % log_every == 0:
+        state.setdefault("losses", []).append([step, value])
+    bar.update()
+    bar.set_postfix(loss=f"{state['loss']:.4f}", refresh=False)
+    return value
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:

@@ -93,8 +93,8 @@ def _imageio() -> ModuleType:
         import imageio.v2 as imageio
         import imageio_ffmpeg  # noqa: F401  (the ffmpeg binary imageio writes MP4 with)
     except ImportError:
-        raise ValueError(f"writing .mp4 needs imageio and imageio-ffmpeg: {MP4_INSTALL} (or pip install "
-                         "'selfcascade[video]'), or write a .gif instead.") from None
+        raise ValueError(f"reading or writing .mp4 needs imageio and imageio-ffmpeg: {MP4_INSTALL} (or pip install "
+                         "'selfcascade[video]'), or use .gif instead.") from None
     return imageio
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -29,7 +28,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from selfcascade.checkpoints import find_checkpoint, load_optimizer, read_checkpoint_state, step_generator, write_checkpoint
+from selfcascade.checkpoints import (find_checkpoint, load_optimizer, optimizer_step, read_checkpoint_state, record_loss,
+                                     step_generator, write_checkpoint)
 from selfcascade.commands import add_command, run_module
 from selfcascade.data.emoji import STYLES
 from selfcascade.text_encoder import DEFAULT_MAX_LENGTH, ENCODER_NAME, HIDDEN_SIZE
@@ -257,7 +257,6 @@ def train(args: argparse.Namespace, dataset=None) -> dict:
     step = state["step"]
     bar = tqdm(total=args.max_steps, initial=step, desc="train-base", unit="step",
                disable=not accelerator.is_main_process, mininterval=5)
-    smooth = None
     unet.train()
     while step < args.max_steps:
         t0 = time.perf_counter()
@@ -278,21 +277,11 @@ def train(args: argparse.Namespace, dataset=None) -> dict:
         for group in optimizer.param_groups:  # linear warm-up, then constant
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         loss = training_loss(unet, scheduler, images.to(device), hidden.to(device), mask.to(device), g)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        if args.grad_clip > 0:
-            accelerator.clip_grad_norm_(unet.parameters(), args.grad_clip)
-        optimizer.step()
+        optimizer_step(accelerator, loss, optimizer, unet.parameters(), args.grad_clip)
         ema.update(accelerator.unwrap_model(unet), step)
         step += 1
         state["train_seconds"] += time.perf_counter() - t0
-        value = loss.item()
-        if not math.isfinite(value):
-            raise FloatingPointError(f"loss became {value} at step {step}; lower --lr or check the data")
-        smooth = value if smooth is None else 0.98 * smooth + 0.02 * value
-        state["loss"] = smooth
-        bar.update()
-        bar.set_postfix(loss=f"{smooth:.4f}", refresh=False)
+        record_loss(accelerator, loss, state, step, bar, decay=0.98)
         if step % args.checkpoint_every == 0 or step == args.max_steps:
             _checkpoint(accelerator, run_dir, unet, ema, optimizer, state, step, args)
     bar.close()

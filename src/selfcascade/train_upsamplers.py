@@ -2,6 +2,11 @@
 
     selfcascade train-upsamplers --model embedded --scale 4 --size 64 --max-steps 2000
     selfcascade train-upsamplers --model DIR_OR_HUB_ID --data IMAGES_DIR --scale 4 --output bank/
+    selfcascade train-upsamplers --model VIDEO_MODEL --data CLIPS_DIR --frames 8 --size 64
+
+A text-to-video model (UNet3D) tunes on clips: a folder of .gif/.mp4 files or of sub-folders of PNG frames
+(NAME.txt caption beside each; ``selfcascade data clips`` makes emoji motion clips). The bank works per
+frame, as in sampling; the first ``--frames`` frames of each clip are used.
 
 Each step takes pairs (x at the high-res size, downsample(x) at the pivot size), draws t ~ U{1..K}
 and minimises ||target - eps~(z_t, t, c, z_0^{r-1})||^2 (target: eps, or v for v-prediction models)
@@ -29,19 +34,26 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageSequence
 from tqdm.auto import tqdm
 
-from .backbones.base import Backbone, PromptEmbeds
+from .backbones.base import Backbone, PromptEmbeds, resize_spatial
 from .cascade import resolve_k
-from .checkpoints import find_checkpoint, load_optimizer, read_checkpoint_state, step_generator, write_checkpoint
+from .checkpoints import (find_checkpoint, load_optimizer, optimizer_step, read_checkpoint_state, record_loss,
+                          step_generator, write_checkpoint)
+from .cli import parse_positive_int
 from .commands import add_command, run_module
+from .data.emoji_clips import DEFAULT_FRAMES
 from .unet_features import inject, pivot_features
 from .upsamplers import DEFAULT_TIME_WIDTH, DEFAULT_WIDTH, UpsamplerBank
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+#: Clip files; a clip may also be a sub-folder of image frames (in name order) with NAME.txt beside it.
+CLIP_SUFFIXES = (".gif", ".mp4")
+CLIP_LAYOUT = ("a folder of .gif/.mp4 clips or of sub-folders of PNG frames, each with a NAME.txt caption beside "
+               "it (`selfcascade data clips` makes emoji motion clips)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -50,13 +62,18 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 @dataclass
 class ImageCaptions:
-    """High-res training images (uint8 [N, 3, S, S], RGB) and one caption each."""
+    """High-res training images (uint8 [N, 3, S, S], RGB) or clips (uint8 [N, 3, F, S, S]), one caption each."""
 
     images: torch.Tensor
     captions: list[str]
 
     def __len__(self) -> int:
         return len(self.captions)
+
+    @property
+    def num_frames(self) -> int | None:
+        """Frames per clip; None for images."""
+        return self.images.shape[2] if self.images.ndim == 5 else None
 
 
 def _square(image: Image.Image, size: int) -> np.ndarray:
@@ -67,21 +84,88 @@ def _square(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(image.resize((size, size), Image.BICUBIC, reducing_gap=None))
 
 
-def load_image_folder(folder: Path, size: int) -> ImageCaptions:
-    """Every image under ``folder``, each captioned by the ``.txt`` file of the same name beside it."""
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+def _captions(paths: Sequence[Path], kind: str) -> list[str]:
+    """The NAME.txt beside each file or folder NAME(.ext); missing ones give the empty prompt, with a warning."""
     captions, uncaptioned = [], 0
-    for path in files:
-        text = path.with_suffix(".txt")
+    for path in paths:
+        text = path.parent / f"{path.stem if path.is_file() else path.name}.txt"
         uncaptioned += not text.is_file()
         captions.append(text.read_text(encoding="utf-8").strip() if text.is_file() else "")
     if uncaptioned:
-        logger.warning("%d of %d images have no caption file (NAME.txt beside NAME.png); they train with the "
-                       "empty prompt", uncaptioned, len(files))
+        logger.warning("%d of %d %s have no caption file (NAME.txt beside NAME); they train with the empty prompt",
+                       uncaptioned, len(paths), kind)
+    return captions
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def find_clips(folder: Path) -> list[Path]:
+    """Clips under ``folder``: .gif/.mp4 files, and sub-folders of image frames with a NAME.txt beside the folder.
+
+    The caption beside the folder is what tells a clip's frames from a sub-folder of separate images.
+    """
+    folder = Path(folder)
+    files = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in CLIP_SUFFIXES]
+    frame_dirs = {p.parent for p in _image_files(folder)
+                  if p.parent != folder and (p.parent.parent / f"{p.parent.name}.txt").is_file()}
+    return sorted([*files, *frame_dirs])
+
+
+def load_image_folder(folder: Path, size: int) -> ImageCaptions:
+    """Every image under ``folder`` (clips' frames aside), each captioned by the NAME.txt beside it."""
+    clips = find_clips(folder)
+    files = [p for p in _image_files(folder) if p.parent not in clips]
+    if not files and clips:
+        raise ValueError(f"--data {folder} holds video clips ({len(clips)}, e.g. {clips[0].name}) and no images: an "
+                         "image model tunes on images with NAME.txt captions beside them; give a text-to-video "
+                         "--model to tune on these clips.")
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    if clips:
+        logger.warning("ignoring %d clips under %s: an image model tunes on its %d images", len(clips), folder,
+                       len(files))
+    captions = _captions(files, "images")
     images = np.stack([_square(Image.open(p), size) for p in tqdm(files, desc="loading images", mininterval=2)])
     return ImageCaptions(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), captions)
+
+
+def read_clip_frames(path: Path, frames: int) -> list[Image.Image]:
+    """Up to the first ``frames`` frames of a .gif, an .mp4 (needs imageio) or a folder of image frames."""
+    path = Path(path)
+    if path.is_dir():
+        return [Image.open(p) for p in sorted(q for q in path.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)[:frames]]
+    if path.suffix.lower() == ".gif":
+        with Image.open(path) as gif:
+            return [frame.convert("RGB") for _, frame in zip(range(frames), ImageSequence.Iterator(gif))]
+    from .io import _imageio
+
+    with _imageio().get_reader(path, format="FFMPEG") as reader:
+        return [Image.fromarray(frame) for _, frame in zip(range(frames), reader)]
+
+
+def load_clip_folder(folder: Path, size: int, frames: int) -> ImageCaptions:
+    """The first ``frames`` frames of every clip under ``folder`` (see ``find_clips``), each frame centre-cropped
+    and resized to ``size``; clips with fewer frames are skipped (counted in a warning)."""
+    clips = find_clips(folder)
+    if not clips:
+        if _image_files(folder):
+            raise ValueError(f"--data {folder} holds images, not clips: a text-to-video model tunes on {CLIP_LAYOUT}.")
+        raise FileNotFoundError(f"no clips under {folder}: give {CLIP_LAYOUT}.")
+    kept, arrays = [], []
+    for path in tqdm(clips, desc="loading clips", mininterval=2):
+        clip = read_clip_frames(path, frames)
+        if len(clip) == frames:
+            kept.append(path)
+            arrays.append(np.stack([_square(frame, size) for frame in clip]))
+    if len(kept) < len(clips):
+        logger.warning("%d of %d clips under %s have fewer than --frames %d frames and are skipped",
+                       len(clips) - len(kept), len(clips), folder, frames)
+    if not kept:
+        raise ValueError(f"every clip under {folder} has fewer than --frames {frames} frames; lower --frames.")
+    clips_uint8 = torch.from_numpy(np.stack(arrays)).permute(0, 4, 1, 2, 3).contiguous()  # [N, 3, F, S, S]
+    return ImageCaptions(clips_uint8, _captions(kept, "clips"))
 
 
 def load_manifest(cache_dir: Path, size: int, split: str = "train") -> ImageCaptions:
@@ -95,15 +179,27 @@ def load_manifest(cache_dir: Path, size: int, split: str = "train") -> ImageCapt
     return ImageCaptions(load_images(cache_dir, records, size, split), [r["caption"] for r in records])
 
 
-def load_data(data: Path | None, size: int, split: str = "train") -> ImageCaptions:
-    """A data set manifest (its folder or the manifest file; default: the emoji cache) or an image folder."""
+def load_data(data: Path | None, size: int, split: str = "train", frames: int | None = None) -> ImageCaptions:
+    """A data set manifest (its folder or the manifest file; default: the emoji cache) or an image folder;
+    with ``frames`` (video models) a clip folder (default: the emoji motion clips of ``split`` at ``size``)."""
     from .data.emoji import MANIFEST, default_cache_dir
 
+    if frames is not None and data is None:
+        from .data.emoji_clips import clips_dir
+
+        data = clips_dir(default_cache_dir(), size, split)
+        if not data.is_dir():
+            raise FileNotFoundError(f"no emoji motion clips at {size} px in {data}: make them with `selfcascade data "
+                                    f"clips --sizes {size} --count 300`, or pass --data with {CLIP_LAYOUT}.")
     path = Path(data) if data is not None else default_cache_dir()
     if path.name == MANIFEST:
         path = path.parent
     if (path / MANIFEST).is_file():
+        if frames is not None:
+            raise ValueError(f"--data {path} is an image data set: a text-to-video model tunes on {CLIP_LAYOUT}.")
         return load_manifest(path, size, split)
+    if frames is not None:
+        return load_clip_folder(path, size, frames)
     if not path.is_dir():
         raise FileNotFoundError(f"--data {path} is neither a folder of images nor a data set with a {MANIFEST}")
     return load_image_folder(path, size)
@@ -131,10 +227,12 @@ def _stack_embeds(rows: Sequence[dict[str, torch.Tensor]], device: torch.device)
 
 
 class PivotCache:
-    """Per (image, caption dropped?) high-res latents, text conditioning and pivot skip features.
+    """Per (image or clip, caption dropped?) high-res latents, text conditioning and pivot skip features.
 
     They depend only on the image and its caption, so they are computed once (in batches, on the
     training device) and kept on the CPU until ``max_bytes``; past that, items are recomputed.
+    A video UNet folds frames into its batch, so a clip's pivot features are its F rows, kept together:
+    a batch of B clips gets the B*F rows in the order the UNet makes them.
     """
 
     def __init__(self, backbone: Backbone, data: ImageCaptions, low_size: int, max_bytes: float = 4 * 2**30) -> None:
@@ -149,15 +247,17 @@ class PivotCache:
     def _compute(self, keys: list[tuple[int, bool]]) -> list[dict]:
         bb = self.backbone
         images = self.data.images[[i for i, _ in keys]].to(bb.device).float() / 255
-        low = F.interpolate(images, size=(self.low_size, self.low_size), mode="bicubic", antialias=True).clamp(0, 1)
+        low = resize_spatial(images, (self.low_size, self.low_size), "bicubic", antialias=True).clamp(0, 1)
         captions = ["" if dropped else self.data.captions[i] for i, dropped in keys]
         embeds = bb.encode_prompt(captions, None, 1, do_cfg=False)
         z_low = bb.encode(low)
         inputs = bb.unet_inputs(embeds, self.low_size, self.low_size, do_cfg=False)
         features = pivot_features(bb.unet, z_low, inputs, do_cfg=False)
         z_high = bb.encode(images)
+        rows = features[0].shape[0] // len(keys)  # 1 per image, F per clip
         return [{"z": z_high[j].cpu(), "text": {k: v.cpu() for k, v in row.items()},
-                 "features": [f[j].cpu() for f in features]} for j, row in enumerate(_split_embeds(embeds))]
+                 "features": [f[j * rows:(j + 1) * rows].cpu() for f in features]}
+                for j, row in enumerate(_split_embeds(embeds))]
 
     def batch(self, indices: Sequence[int], dropped: Sequence[bool]) -> tuple[torch.Tensor, PromptEmbeds, list[torch.Tensor]]:
         """(high-res latents, text conditioning, pivot features per level) of a batch, on the device."""
@@ -173,7 +273,7 @@ class PivotCache:
         device = self.backbone.device
         z = torch.stack([it["z"] for it in items]).to(device)
         embeds = _stack_embeds([it["text"] for it in items], device)
-        features = [torch.stack([it["features"][n] for it in items]).to(device) for n in range(len(items[0]["features"]))]
+        features = [torch.cat([it["features"][n] for it in items]).to(device) for n in range(len(items[0]["features"]))]
         return z, embeds, features
 
 
@@ -236,17 +336,29 @@ def _sizes(backbone: Backbone, scale: float, size: int | None) -> tuple[int, int
     return round(low), high
 
 
-def _validation_grid(cascade, bank: UpsamplerBank, prompts: list[str], size: int, steps: int, seed: int):
+def _validation_grid(cascade, bank: UpsamplerBank, prompts: list[str], size: int, steps: int, seed: int,
+                     num_frames: int | None = None):
+    """Tuning-free vs tuned rows, one column per prompt; for clips, each clip's middle frame."""
     from .grid import make_grid
 
     plan = cascade.plan(size, size)
     banks = [bank if s == (size, size) else None for s in plan.stages[1:]]
+    video = {} if num_frames is None else {"num_frames": num_frames}
     rows = []
     for mode, extra in (("tuning-free", {}), ("tuned", {"upsamplers": banks})):
         out = cascade(prompts, size, size, mode=mode, num_inference_steps=steps, seed=seed, progress=False,
-                      **extra)
-        rows.append(out.images)
+                      **video, **extra)
+        rows.append(out.images if num_frames is None else [clip[num_frames // 2] for clip in out.images])
     return make_grid(rows, ["tuning-free", "tuned"], [p[:14] for p in prompts])
+
+
+def _frames(backbone: Backbone, frames: int | None) -> int | None:
+    """Frames per training clip for a video model (default: the emoji clips' length); None for image models."""
+    if backbone.is_video:
+        return DEFAULT_FRAMES if frames is None else frames
+    if frames is not None:
+        raise ValueError(f"--frames applies only to text-to-video models; {backbone.name} is an image model.")
+    return None
 
 
 def train(args: argparse.Namespace, data: ImageCaptions | None = None) -> dict:
@@ -268,7 +380,12 @@ def train(args: argparse.Namespace, data: ImageCaptions | None = None) -> dict:
     low, high = _sizes(bb, args.scale, args.size)
     k = resolve_k(bb.scheduler.config.num_train_timesteps, args.K, default=bb.default_k)
     run_dir = Path(args.run_dir)
-    data = data if data is not None else load_data(args.data, high)
+    frames = _frames(bb, args.frames)
+    data = data if data is not None else load_data(args.data, high, frames=frames)
+    if data.num_frames != frames:
+        want = f"clips of {frames} frames (uint8 [N, 3, {frames}, S, S])" if frames else "images (uint8 [N, 3, S, S])"
+        raise ValueError(f"{bb.name} tunes on {want}, but the data given is uint8 {tuple(data.images.shape)}; "
+                         "pass data of that layout (for clips, --frames sets F).")
 
     ckpt = find_checkpoint(run_dir)
     if ckpt is not None:
@@ -295,14 +412,15 @@ def train(args: argparse.Namespace, data: ImageCaptions | None = None) -> dict:
     cache = PivotCache(bb, data, low, max_bytes=args.cache_gb * 2**30)
     validation_prompts = args.validation_prompts or data.captions[:4]
     n_params = bank.num_parameters()
-    logger.info("tuning a %d-parameter bank (%.4f%% of the %d-parameter UNet) for %dpx -> %dpx on %d images, "
+    logger.info("tuning a %d-parameter bank (%.4f%% of the %d-parameter UNet) for %dpx -> %dpx on %s, "
                 "K=%d, batch %d per process, %d process(es)", n_params, 100 * n_params / bb.unet.num_parameters(),
-                bb.unet.num_parameters(), low, high, len(data), k, args.batch_size, accelerator.num_processes)
+                bb.unet.num_parameters(), low, high,
+                f"{len(data)} clips of {frames} frames" if frames else f"{len(data)} images", k, args.batch_size,
+                accelerator.num_processes)
 
     step = state["step"]
     bar = tqdm(total=args.max_steps, initial=step, desc="train-upsamplers", unit="step",
                disable=not accelerator.is_main_process)
-    smooth = state.get("loss")
     while step < args.max_steps:
         t0 = time.perf_counter()
         g = step_generator(args.seed, step, accelerator.process_index)
@@ -313,22 +431,10 @@ def train(args: argparse.Namespace, data: ImageCaptions | None = None) -> dict:
         noise = torch.randn(z0.shape, generator=g).to(device, z0.dtype)
         with accelerator.autocast():
             loss = tuning_loss(bb, model, z0, embeds, features, t, noise)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        if args.grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
+        optimizer_step(accelerator, loss, optimizer, model.parameters(), args.grad_clip)
         step += 1
         state["train_seconds"] += time.perf_counter() - t0
-        value = accelerator.gather(loss.detach()[None]).mean().item()
-        if not math.isfinite(value):
-            raise FloatingPointError(f"loss became {value} at step {step}; lower --lr")
-        smooth = value if smooth is None else 0.95 * smooth + 0.05 * value
-        state["loss"] = smooth
-        if step % args.log_every == 0:
-            state["losses"].append([step, value])
-        bar.update()
-        bar.set_postfix(loss=f"{smooth:.4f}", refresh=False)
+        record_loss(accelerator, loss, state, step, bar, args.log_every)
         if step % args.checkpoint_every == 0 or step == args.max_steps:
             accelerator.wait_for_everyone()
             state["step"] = step
@@ -337,23 +443,23 @@ def train(args: argparse.Namespace, data: ImageCaptions | None = None) -> dict:
         if args.snapshot_every and step % args.snapshot_every == 0 and accelerator.is_main_process:
             save_bank(accelerator.unwrap_model(model), run_dir / "snapshots" / f"step-{step:06d}", step)
         if args.validate_every and step % args.validate_every == 0 and accelerator.is_main_process:
-            _validate(cascade, accelerator.unwrap_model(model), validation_prompts, high, args, run_dir, step)
+            _validate(cascade, accelerator.unwrap_model(model), validation_prompts, high, args, run_dir, step, frames)
     bar.close()
     state["step"] = step
     if accelerator.is_main_process:
         output = Path(args.output) if args.output else run_dir / "bank"
         save_bank(accelerator.unwrap_model(model), output, step)
-        logger.info("bank saved to %s (step %d, loss %.4f, %.1f s)", output, step, smooth or float("nan"),
+        logger.info("bank saved to %s (step %d, loss %.4f, %.1f s)", output, step, state.get("loss", float("nan")),
                     state["train_seconds"])
     return state
 
 
 def _validate(cascade, bank: UpsamplerBank, prompts: list[str], size: int, args: argparse.Namespace,
-              run_dir: Path, step: int) -> None:
+              run_dir: Path, step: int, num_frames: int | None) -> None:
     from .io import save_png
 
     with torch.no_grad():
-        grid = _validation_grid(cascade, bank, prompts, size, args.validation_steps, args.seed)
+        grid = _validation_grid(cascade, bank, prompts, size, args.validation_steps, args.seed, num_frames)
     bank.train()
     path = save_png(grid, run_dir / "validation" / f"step-{step:06d}.png")
     logger.info("validation grid: %s", path)
@@ -367,7 +473,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="embedded", help="'embedded', a diffusers folder, or a hub id (stays frozen)")
     parser.add_argument("--data", type=Path, default=None,
                         help="folder of images with NAME.txt captions beside them, or a data set folder/manifest.jsonl "
-                             "(default: the emoji data set cache, train split)")
+                             "(default: the emoji data set cache, train split); video models: a folder of .gif/.mp4 "
+                             "clips or of sub-folders of PNG frames, NAME.txt beside each (default: the emoji motion "
+                             "clips at --size, from `selfcascade data clips`)")
+    parser.add_argument("--frames", type=parse_positive_int, default=None,
+                        help="video models only: frames taken from the start of each clip, shorter clips skipped; "
+                             f"None: {DEFAULT_FRAMES}, the emoji motion clips' length")
     parser.add_argument("--scale", type=float, default=4.0, help="pixel ratio of the stage to tune for (4 = 2x per side)")
     parser.add_argument("--size", type=int, default=None, help="high-res side in px (default: base side * sqrt(scale))")
     parser.add_argument("--K", type=int, default=None, help="largest timestep trained, of T=1000 (default: the model's sampling default, 700 on SD)")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -27,7 +26,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..checkpoints import find_checkpoint, load_optimizer, read_checkpoint_state, step_generator, write_checkpoint
+from ..checkpoints import (find_checkpoint, load_optimizer, optimizer_step, read_checkpoint_state, record_loss,
+                           step_generator, write_checkpoint)
 from ..commands import add_command, run_module
 from ..io import atomic_path
 from ..train_upsamplers import ImageCaptions, load_data, prediction_target
@@ -171,7 +171,7 @@ def train(args: argparse.Namespace, data: ImageCaptions | None = None) -> dict:
         save_file(tensors, str(folder / "trainable.safetensors"))
 
     num_t = bb.scheduler.config.num_train_timesteps
-    step, smooth = state["step"], state.get("loss")
+    step = state["step"]
     bar = tqdm(total=args.max_steps, initial=step, desc=f"finetune-{args.method}", unit="step",
                disable=not accelerator.is_main_process)
     while step < args.max_steps:
@@ -184,22 +184,10 @@ def train(args: argparse.Namespace, data: ImageCaptions | None = None) -> dict:
         noise = torch.randn(z0.shape, generator=g).to(device, z0.dtype)
         with accelerator.autocast():
             loss = finetune_loss(bb, z0, embeds, t, noise)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        if args.grad_clip > 0:
-            accelerator.clip_grad_norm_(params, args.grad_clip)
-        optimizer.step()
+        optimizer_step(accelerator, loss, optimizer, params, args.grad_clip)
         step += 1
         state["train_seconds"] += time.perf_counter() - t0
-        value = accelerator.gather(loss.detach()[None]).mean().item()
-        if not math.isfinite(value):
-            raise FloatingPointError(f"loss became {value} at step {step}; lower --lr")
-        smooth = value if smooth is None else 0.95 * smooth + 0.05 * value
-        state["loss"] = smooth
-        if step % args.log_every == 0:
-            state["losses"].append([step, value])
-        bar.update()
-        bar.set_postfix(loss=f"{smooth:.4f}", refresh=False)
+        record_loss(accelerator, loss, state, step, bar, args.log_every)
         if step % args.checkpoint_every == 0 or step == args.max_steps:
             accelerator.wait_for_everyone()
             state["step"] = step
@@ -214,7 +202,7 @@ def train(args: argparse.Namespace, data: ImageCaptions | None = None) -> dict:
         output = Path(args.output) if args.output else run_dir / "model"
         export(output, accelerator.unwrap_model(unet), args.method,
                {**info, "steps": step, "train_seconds": round(state["train_seconds"], 1)})
-        logger.info("fine-tuned UNet saved to %s (step %d, loss %.4f)", output, step, smooth or float("nan"))
+        logger.info("fine-tuned UNet saved to %s (step %d, loss %.4f)", output, step, state.get("loss", float("nan")))
     return state
 
 

@@ -498,7 +498,7 @@ def _str_list(text: str) -> list[str]:
 
 
 def register_cli(subparsers: "argparse._SubParsersAction") -> None:
-    """Add ``data build`` to a CLI's subparsers."""
+    """Add ``data build`` and ``data clips`` to a CLI's subparsers."""
     data = subparsers.add_parser("data", help="build the embedded emoji data set")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     build = data_sub.add_parser("build", help="fetch emoji SVGs with npm pack, render PNGs, write the manifest")
@@ -509,6 +509,9 @@ def register_cli(subparsers: "argparse._SubParsersAction") -> None:
     build.add_argument("--eval-fraction", type=float, default=0.15)
     build.add_argument("--workers", type=int, default=2)
     build.set_defaults(func=_cmd_build)
+    from .emoji_clips import add_clips_command  # here, not at the top: emoji_clips imports this module
+
+    add_clips_command(data_sub)
 
 
 def _cmd_build(args: argparse.Namespace) -> None:

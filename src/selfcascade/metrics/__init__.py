@@ -5,6 +5,7 @@ Pure functions on feature arrays or image tensors, beside feature-extractor clas
 - :func:`frechet_distance`, :func:`kernel_inception_distance` on ``[N, D]`` features;
 - :func:`sliced_wasserstein_distance` on images, no network needed;
 - :func:`resize_images`, :func:`random_crops` to build the FID_b and pFID image sets;
+- :func:`temporal_consistency` (warping error under the known motion, frame difference) for clips;
 - :class:`FeatureExtractor`, :class:`InceptionFeatures`, :class:`EmojiFeatures` (the offline network the
   project trains) and :func:`load_features` (picks one) to get features from images.
 """
@@ -15,9 +16,11 @@ from .emoji_features import EmojiFeatures
 from .features import FEATURE_KINDS, FeatureExtractor, FeatureExtractorUnavailable, InceptionFeatures, load_features
 from .images import random_crops, resize_images
 from .swd import SlicedWasserstein, laplacian_pyramid, sliced_wasserstein_distance
+from .temporal import frame_difference, temporal_consistency, warping_error
 
 __all__ = [
     "FEATURE_KINDS", "EmojiFeatures", "FeatureExtractor", "FeatureExtractorUnavailable", "InceptionFeatures",
     "SlicedWasserstein", "feature_statistics", "frechet_distance", "frechet_distance_from_stats", "kernel_inception_distance",
-    "laplacian_pyramid", "load_features", "random_crops", "resize_images", "sliced_wasserstein_distance",
+    "frame_difference", "laplacian_pyramid", "load_features", "random_crops", "resize_images",
+    "sliced_wasserstein_distance", "temporal_consistency", "warping_error",
 ]

@@ -202,6 +202,7 @@ def main() -> None:
     base_samples, _ = generate_set(base_cascade, base_spec, captions, args.out / f"direct-{base}", args.batch_size)
     base_features = extractor(base_samples)
 
+    stem = RESULTS / f"table_{Path(args.model).name}{'_quick' if args.quick else ''}"
     rows, references = [], {}
     for size in args.sizes:
         active = [m for m in methods if m.only_size in (None, size)]
@@ -218,13 +219,29 @@ def main() -> None:
                          "x_direct": round(seconds / timing["direct"][0], 3), "peak_mib": round(peak, 1), **metrics})
             print({k: rows[-1][k] for k in ("size", "method", "x_direct", "FID_r", "pFID_r", "FID_b", "SWD_x1e3")},
                   flush=True)
+        write(rows, table_lines(rows, args, extractor.name, len(reference_records)), stem)  # after every size
 
+    if args.curves:
+        size = args.curve_size
+        reference = references.get(size) or make_reference(extractor, _real(cache_dir, reference_records, size), base,
+                                                           args.crops_per_image, args.seed)
+        points = curves(args, extractor, captions, reference, args.out)
+        if points:
+            plot_curves(points, stem.with_name(stem.name + "_curves.png"), size)
+            lines = table_lines(rows, args, extractor.name, len(reference_records))
+            lines += ["", f"FID_r at {size} px over training steps ({args.num_images} images each): "
+                      f"![curves]({stem.name}_curves.png)", "", "| run | step | FID_r | KID_r |", "|---|---|---|---|"]
+            lines += [f"| {p['run']} | {p['step']} | {_f(p['FID_r'])} | {_f(p['KID_r'], 3)} |" for p in points]
+            write(rows, lines, stem)
+
+
+def table_lines(rows: list[dict], args: argparse.Namespace, features: str, num_real: int) -> list[str]:
     name = Path(args.model).name
     lines = [
         f"# Methods side by side on the `{name}` model", "",
         f"Device: {device_name(args.threads)}; torch {torch.__version__}. {args.num_images} eval-split captions (unseen "
         f"concepts), one image each (seeds {args.seed}-{args.seed + args.num_images - 1}), {args.steps} DDIM steps, the "
-        f"model's default guidance; {len(reference_records)} real eval renders per size; features `{extractor.name}`. "
+        f"model's default guidance; {num_real} real eval renders per size; features `{features}`. "
         f"Time and peak memory: batch 1, median of {args.repeats} after a warm-up, methods alternated in one process "
         "(CPU peak = rise of the resident set). KID: mean ± std over subsets. Counts: (generated / reference). "
         "Lower is better everywhere. Fine-tuned UNets appear only at the size they were tuned at.", "",
@@ -239,18 +256,7 @@ def main() -> None:
             f"{r['s_per_image']} | {r['x_direct']} | {r['peak_mib']} | {_f(r['FID_r'])} {n} | {_f(r['KID_r'], 3)} ± "
             f"{_f(r['KID_r_std'], 2)} | {_f(r['pFID_r'])} {nc} | {_f(r['pKID_r'], 3)} ± {_f(r['pKID_r_std'], 2)} | "
             f"{_f(r['FID_b'])} {nb} | {_f(r['KID_b'], 3)} | {_f(r['SWD_x1e3'])} |")
-    stem = RESULTS / f"table_{name}{'_quick' if args.quick else ''}"
-    if args.curves:
-        size = args.curve_size
-        reference = references.get(size) or make_reference(extractor, _real(cache_dir, reference_records, size), base,
-                                                           args.crops_per_image, args.seed)
-        points = curves(args, extractor, captions, reference, args.out)
-        if points:
-            plot_curves(points, stem.with_name(stem.name + "_curves.png"), size)
-            lines += ["", f"FID_r at {size} px over training steps ({args.num_images} images each): "
-                      f"![curves]({stem.name}_curves.png)", "", "| run | step | FID_r | KID_r |", "|---|---|---|---|"]
-            lines += [f"| {p['run']} | {p['step']} | {_f(p['FID_r'])} | {_f(p['KID_r'], 3)} |" for p in points]
-    write(rows, lines, stem)
+    return lines
 
 
 if __name__ == "__main__":

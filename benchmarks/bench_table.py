@@ -18,7 +18,6 @@ Writes ``benchmarks/results/table_<model>.{md,csv}`` and ``table_<model>_curves.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import time
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from selfcascade.evaluate import GenerationSpec, _real, choose_records, generate
 from selfcascade.metrics import load_features
 from selfcascade.upsamplers import UpsamplerBank
 
-from bench_inference import PeakMemory, device_name
+from bench_inference import PeakMemory, device_name, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TRAINING_FREE = ["direct", "attn-sf", "redilate", "hires-fix", "tuning-free"]
@@ -150,16 +149,6 @@ def plot_curves(points: list[dict], path: Path, size: int) -> None:
     fig.savefig(path)
 
 
-def write(rows: list[dict], lines: list[str], stem: Path) -> None:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {stem}.md and .csv")
-
-
 def _f(value, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}g}"
 
@@ -219,7 +208,7 @@ def main() -> None:
                          "x_direct": round(seconds / timing["direct"][0], 3), "peak_mib": round(peak, 1), **metrics})
             print({k: rows[-1][k] for k in ("size", "method", "x_direct", "FID_r", "pFID_r", "FID_b", "SWD_x1e3")},
                   flush=True)
-        write(rows, table_lines(rows, args, extractor.name, len(reference_records)), stem)  # after every size
+        write_results(stem, rows, table_lines(rows, args, extractor.name, len(reference_records)))  # after every size
 
     if args.curves:
         size = args.curve_size
@@ -232,7 +221,7 @@ def main() -> None:
             lines += ["", f"FID_r at {size} px over training steps ({args.num_images} images each): "
                       f"![curves]({stem.name}_curves.png)", "", "| run | step | FID_r | KID_r |", "|---|---|---|---|"]
             lines += [f"| {p['run']} | {p['step']} | {_f(p['FID_r'])} | {_f(p['KID_r'], 3)} |" for p in points]
-            write(rows, lines, stem)
+            write_results(stem, rows, lines)
 
 
 def table_lines(rows: list[dict], args: argparse.Namespace, features: str, num_real: int) -> list[str]:

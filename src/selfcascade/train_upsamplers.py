@@ -42,7 +42,7 @@ from .cascade import resolve_k
 from .checkpoints import (find_checkpoint, load_optimizer, optimizer_step, read_checkpoint_state, record_loss,
                           step_generator, write_checkpoint)
 from .cli import parse_positive_int
-from .commands import add_command, run_module
+from .commands import add_command, add_trainer_arguments, run_module
 from .data.emoji_clips import DEFAULT_FRAMES
 from .unet_features import inject, pivot_features
 from .upsamplers import DEFAULT_TIME_WIDTH, DEFAULT_WIDTH, UpsamplerBank
@@ -497,18 +497,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--caption-dropout", type=float, default=0.1,
                         help="train on the empty prompt this often: guided sampling runs the bank on it too")
     parser.add_argument("--cache-gb", type=float, default=4.0, help="CPU memory for cached latents and pivot features")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-every", type=int, default=10, help="record the loss curve every N steps")
-    parser.add_argument("--checkpoint-every", type=int, default=200)
-    parser.add_argument("--snapshot-every", type=int, default=0,
-                        help="keep a copy of the bank every N steps in RUN_DIR/snapshots, for quality-over-steps curves (0: off)")
     parser.add_argument("--validate-every", type=int, default=500, help="tuning-free vs tuned grid every N steps (0: off)")
     parser.add_argument("--validation-prompts", nargs="+", default=None, help="default: the first 4 training captions")
     parser.add_argument("--validation-steps", type=int, default=25, help="sampler steps for the validation grid")
-    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
-                        help="default: fp16 on GPU, none on CPU (where half precision is slower)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per process")
-    parser.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
+    add_trainer_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

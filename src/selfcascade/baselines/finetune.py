@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoints import (find_checkpoint, load_optimizer, optimizer_step, read_checkpoint_state, record_loss,
                            step_generator, write_checkpoint)
-from ..commands import add_command, run_module
+from ..commands import add_command, add_trainer_arguments, run_module
 from ..io import atomic_path
 from ..train_upsamplers import ImageCaptions, load_data, prediction_target
 
@@ -222,14 +222,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--grad-clip", type=float, default=1.0, help="0 disables")
     parser.add_argument("--caption-dropout", type=float, default=0.1, help="keeps classifier-free guidance working")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-every", type=int, default=10, help="record the loss curve every N steps")
-    parser.add_argument("--checkpoint-every", type=int, default=200)
-    parser.add_argument("--snapshot-every", type=int, default=0, help="export a copy every N steps (0: off)")
-    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
-                        help="default: fp16 on GPU, none on CPU")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per process")
-    parser.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
+    add_trainer_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

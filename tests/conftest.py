@@ -8,7 +8,9 @@ takes a ``*_fresh`` fixture (built anew for that test; building costs ~0.1 s) or
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from selfcascade.testing import make_tiny_sd, make_tiny_sdxl, save_tiny_sd
 
@@ -47,3 +49,15 @@ def tiny_sd_fresh():
 def tiny_sdxl_fresh():
     """A new tiny SDXL pipeline (seed 0) owned by this test: mutate freely."""
     return make_tiny_sdxl(seed=0)
+
+
+@pytest.fixture
+def caption_folder(tmp_path):
+    """Three random 72x80 images with NAME.txt captions beside them (a training folder for the trainers)."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (72, 80, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"red apple {i}")
+    return folder

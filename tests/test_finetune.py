@@ -17,17 +17,6 @@ from selfcascade.testing import make_tiny_sd, make_tiny_sdxl
 pytest.importorskip("peft")
 
 
-@pytest.fixture
-def caption_folder(tmp_path):
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"red apple {i}")
-    return folder
-
-
 def _finetune(model, data, run, *extra: str) -> int:
     return main(["finetune", "--model", str(model), "--data", str(data), "--size", "64", "--batch-size", "2",
                  "--run-dir", str(run), "--threads", "1", "--log-every", "1", "--lr", "1e-3", *extra])

@@ -6,7 +6,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -177,17 +176,6 @@ def test_bank_is_under_a_thousandth_of_the_unet(name, config, expected):
     bank = UpsamplerBank.for_unet(unet)
     assert bank.num_parameters() == expected
     assert bank.num_parameters() < 1e-3 * unet.num_parameters()
-
-
-@pytest.fixture
-def caption_folder(tmp_path):
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (72, 80, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"red apple {i}")
-    return folder
 
 
 def test_cli_train_resume_extend_and_generate(tiny_sd_dir, caption_folder, tmp_path):

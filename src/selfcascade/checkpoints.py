@@ -40,6 +40,17 @@ def write_checkpoint(run_dir: Path, optimizer: torch.optim.Optimizer, state: dic
     return final
 
 
+def checkpoint_at(accelerator, run_dir: Path, step: int, every: int, last: int, optimizer: torch.optim.Optimizer,
+                  state: dict, write_weights: Callable[[Path], None]) -> None:
+    """Every ``every`` steps and at step ``last``: all processes meet, the main one writes the checkpoint."""
+    if step % every and step != last:
+        return
+    accelerator.wait_for_everyone()
+    state["step"] = step
+    if accelerator.is_main_process:
+        write_checkpoint(run_dir, optimizer, state, write_weights)
+
+
 def find_checkpoint(run_dir: Path) -> Path | None:
     """The complete checkpoint of a run, also after a crash mid-swap."""
     for name in (CHECKPOINT, f"{CHECKPOINT}.old"):

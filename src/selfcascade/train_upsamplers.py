@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 
 from .backbones.base import Backbone, PromptEmbeds, resize_spatial
 from .cascade import resolve_k
-from .checkpoints import (find_checkpoint, load_optimizer, optimizer_step, read_checkpoint_state, record_loss,
-                          step_generator, write_checkpoint)
+from .checkpoints import (checkpoint_at, find_checkpoint, load_optimizer, optimizer_step, read_checkpoint_state,
+                          record_loss, step_generator)
 from .cli import parse_positive_int
 from .commands import add_command, add_trainer_arguments, run_module
 from .data.emoji_clips import DEFAULT_FRAMES
@@ -306,17 +306,13 @@ def tuning_loss(backbone: Backbone, bank: torch.nn.Module, z0: torch.Tensor, emb
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoints (safetensors + json only)
+# Saving (safetensors + json only)
 
 
 def save_bank(bank: UpsamplerBank, folder: Path, step: int) -> None:
     """The bank as safetensors + config, the config recording how many tuning steps made it."""
     bank.register_to_config(train_steps=step)
     bank.save_pretrained(folder, safe_serialization=True)
-
-
-def save_checkpoint(run_dir: Path, bank: UpsamplerBank, optimizer: torch.optim.Optimizer, state: dict) -> Path:
-    return write_checkpoint(run_dir, optimizer, state, lambda folder: bank.save_pretrained(folder / "bank", safe_serialization=True))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -435,11 +431,9 @@ def train(args: argparse.Namespace, data: ImageCaptions | None = None) -> dict:
         step += 1
         state["train_seconds"] += time.perf_counter() - t0
         record_loss(accelerator, loss, state, step, bar, args.log_every)
-        if step % args.checkpoint_every == 0 or step == args.max_steps:
-            accelerator.wait_for_everyone()
-            state["step"] = step
-            if accelerator.is_main_process:
-                save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, state)
+        checkpoint_at(accelerator, run_dir, step, args.checkpoint_every, args.max_steps, optimizer, state,
+                      lambda folder: accelerator.unwrap_model(model).save_pretrained(folder / "bank",
+                                                                                     safe_serialization=True))
         if args.snapshot_every and step % args.snapshot_every == 0 and accelerator.is_main_process:
             save_bank(accelerator.unwrap_model(model), run_dir / "snapshots" / f"step-{step:06d}", step)
         if args.validate_every and step % args.validate_every == 0 and accelerator.is_main_process:

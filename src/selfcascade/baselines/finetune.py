@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..checkpoints import (find_checkpoint, load_optimizer, optimizer_step, read_checkpoint_state, record_loss,
-                           step_generator, write_checkpoint)
+from ..checkpoints import (checkpoint_at, find_checkpoint, load_optimizer, optimizer_step, read_checkpoint_state,
+                           record_loss, step_generator)
 from ..commands import add_command, add_trainer_arguments, run_module
 from ..io import atomic_path
 from ..train_upsamplers import ImageCaptions, load_data, prediction_target
@@ -188,11 +188,7 @@ def train(args: argparse.Namespace, data: ImageCaptions | None = None) -> dict:
         step += 1
         state["train_seconds"] += time.perf_counter() - t0
         record_loss(accelerator, loss, state, step, bar, args.log_every)
-        if step % args.checkpoint_every == 0 or step == args.max_steps:
-            accelerator.wait_for_everyone()
-            state["step"] = step
-            if accelerator.is_main_process:
-                write_checkpoint(run_dir, optimizer, state, save)
+        checkpoint_at(accelerator, run_dir, step, args.checkpoint_every, args.max_steps, optimizer, state, save)
         if args.snapshot_every and step % args.snapshot_every == 0 and accelerator.is_main_process:
             export(run_dir / "snapshots" / f"step-{step:06d}", accelerator.unwrap_model(unet), args.method,
                    {**info, "steps": step})

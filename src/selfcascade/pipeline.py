@@ -45,6 +45,8 @@ Upsamplers = UpsamplerBank | str | os.PathLike | Sequence["UpsamplerBank | str |
 OutputType = Literal["pil", "np", "pt", "latent"]
 #: Name under which the model the project trains and ships is loaded.
 EMBEDDED_NAME = "embedded"
+#: Names that load a model shipped inside the package (the image default and its video sibling).
+EMBEDDED_NAMES = (EMBEDDED_NAME, "embedded-video")
 
 
 def default_device() -> torch.device:
@@ -136,17 +138,19 @@ class SelfCascadePipeline:
         scheduler: str | Any = "ddim",
         **kwargs: Any,
     ) -> "SelfCascadePipeline":
-        """Load a hub id, a local diffusers folder, or the embedded model ("embedded").
+        """Load a hub id, a local diffusers folder, or a shipped model ("embedded", "embedded-video").
 
         Hub ids go through diffusers' own ``DiffusionPipeline.from_pretrained`` (and its cache).
         """
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         path = Path(name_or_path)
-        if str(name_or_path) == EMBEDDED_NAME or (path / "selfcascade_model.json").is_file():
+        if str(name_or_path) in EMBEDDED_NAMES or (path / "selfcascade_model.json").is_file():
             from .backbones.embedded import EmbeddedBackbone
 
-            backbone = EmbeddedBackbone.from_folder(None if str(name_or_path) == EMBEDDED_NAME else path)
+            name = str(name_or_path)
+            backbone = (EmbeddedBackbone.from_folder(shipped=name) if name in EMBEDDED_NAMES
+                        else EmbeddedBackbone.from_folder(path))
             backbone.scheduler = _make_scheduler(scheduler, backbone.scheduler)
             backbone.to(device, dtype)
             return cls(backbone)

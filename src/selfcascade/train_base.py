@@ -6,6 +6,11 @@ level, which keeps the cost per step close to linear in pixels up to 256 px (the
 at 4x, 16x and 64x its training pixels). The same script runs on GPUs or several nodes through
 accelerate.
 
+``--frames F`` trains the embedded *video* model instead: the image model inflated to a
+``UNet3DConditionModel`` (its spatial weights copied, temporal layers added as identities, so it starts
+out as the image model applied per frame) and trained on the emoji motion clips (``selfcascade data
+clips``) at 32 px.
+
 Checkpoints hold only safetensors and json (no pickles): ``<run-dir>/checkpoint/`` is replaced
 atomically every ``--checkpoint-every`` steps and training resumes from it automatically. Batches,
 noise, timesteps and caption dropout are drawn from a generator seeded by (seed, step, rank), so a
@@ -63,11 +68,63 @@ SCHEDULER: dict = {
 }
 
 
-def build_unet(config: dict | None = None):
-    """A pixel-space UNet2DConditionModel from ``DEFAULT_UNET`` updated with ``config``."""
-    from diffusers import UNet2DConditionModel
+def build_unet(config: dict | None = None, video: bool = False):
+    """A pixel-space UNet2DConditionModel from ``DEFAULT_UNET`` updated with ``config``; ``video``: a
+    UNet3DConditionModel from ``config`` (see ``video_config``)."""
+    from diffusers import UNet2DConditionModel, UNet3DConditionModel
 
+    if video:
+        return UNet3DConditionModel(**(config or video_config(DEFAULT_UNET)))
     return UNet2DConditionModel(**{**DEFAULT_UNET, **(config or {})})
+
+
+def video_config(config: dict) -> dict:
+    """The UNet3DConditionModel config that holds the weights of a UNet2DConditionModel ``config`` unchanged.
+
+    diffusers' 3D blocks read ``attention_head_dim`` as the width of a head where the 2D ones read it as
+    the number of heads, so the value is converted to keep every attention layer's head split.
+    """
+    out_channels = {c for c, kind in zip(config["block_out_channels"], config["down_block_types"]) if "CrossAttn" in kind}
+    out_channels.add(config["block_out_channels"][-1])  # the mid block
+    heads = config.get("num_attention_heads") or config["attention_head_dim"]
+    if not isinstance(heads, int) or len(out_channels) != 1 or next(iter(out_channels)) % heads:
+        raise ValueError("inflating to 3D needs one head count for every attention level whose width it divides, "
+                         f"got heads {heads} at widths {sorted(out_channels)}.")
+    return {
+        "sample_size": config["sample_size"], "in_channels": config["in_channels"],
+        "out_channels": config["out_channels"],
+        "down_block_types": [kind.replace("2D", "3D") for kind in config["down_block_types"]],
+        "up_block_types": [kind.replace("2D", "3D") for kind in config["up_block_types"]],
+        "block_out_channels": list(config["block_out_channels"]), "layers_per_block": config["layers_per_block"],
+        "cross_attention_dim": config["cross_attention_dim"], "norm_num_groups": config["norm_num_groups"],
+        "attention_head_dim": next(iter(out_channels)) // heads,
+    }
+
+
+def inflate_unet(unet2d: torch.nn.Module) -> torch.nn.Module:
+    """A UNet3DConditionModel that computes exactly what ``unet2d`` computes, frame by frame.
+
+    Spatial weights are copied (1x1 attention projections become the linear ones of the 3D blocks);
+    temporal convolutions start as identities (diffusers zero-initialises their last layer) and so do
+    temporal attentions once their output projections are zeroed here.
+    """
+    from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in unet2d.config.items() if not k.startswith("_")}
+    unet3d = build_unet(video_config(config), video=True)
+    own = unet3d.state_dict()
+    weights = {k: v.reshape(own[k].shape) if k in own else v for k, v in unet2d.state_dict().items()}
+    result = unet3d.load_state_dict(weights, strict=False)
+    not_temporal = [k for k in result.missing_keys if not k.startswith("transformer_in.")
+                    and ".temp_convs." not in k and ".temp_attentions." not in k]
+    if result.unexpected_keys or not_temporal:
+        raise ValueError(f"cannot inflate this UNet: weights {result.unexpected_keys[:3]} have no 3D counterpart and "
+                         f"{not_temporal[:3]} no 2D source.")
+    for module in unet3d.modules():
+        if isinstance(module, TransformerTemporalModel):
+            torch.nn.init.zeros_(module.proj_out.weight)
+            torch.nn.init.zeros_(module.proj_out.bias)
+    return unet3d
 
 
 def build_scheduler():
@@ -115,14 +172,16 @@ def save_checkpoint(run_dir: Path, unet: torch.nn.Module, ema: EMA, optimizer: t
 
 
 def export_model(out_dir: Path, unet_config: dict, weights: dict[str, torch.Tensor], info: dict) -> Path:
-    """Write the shipped layout: ``unet/`` (diffusers, safetensors), ``scheduler/``, model json."""
+    """Write the shipped layout: ``unet/`` (diffusers, safetensors), ``scheduler/``, model json.
+
+    ``info["num_frames"]`` (video models) marks a UNet3DConditionModel."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    unet = build_unet(unet_config)
+    unet = build_unet(unet_config, video=info.get("num_frames") is not None)
     unet.load_state_dict(weights)
     # fp16 storage halves the shipped size; loaders upcast (EmbeddedBackbone.from_folder).
-    unet.to(torch.float16).save_pretrained(tmp / "unet", safe_serialization=True)
+    unet.half().save_pretrained(tmp / "unet", safe_serialization=True)
     build_scheduler().save_pretrained(tmp / "scheduler")
     card = {
         "text_encoder": ENCODER_NAME,
@@ -155,6 +214,10 @@ def export_checkpoint(run_dir: Path, out_dir: Path) -> Path:
 
 
 def _card_info(state: dict) -> dict:
+    video = {"num_frames": state["num_frames"], "video_train_steps": state["step"],
+             "video_train_seconds": round(state["train_seconds"]), "initialised_from": state.get("init_from", ""),
+             "caption_format": "<CLDR label>, <up to 2 tags>, <style>, <motion words>",
+             "data": "selfcascade emoji motion clips (selfcascade data clips), train split, at 32 px"}
     return {
         "train_steps": state["step"] + state.get("init_steps", 0),
         "train_seconds": round(state["train_seconds"] + state.get("init_seconds", 0.0)),
@@ -172,6 +235,7 @@ def _card_info(state: dict) -> dict:
         "max_length": state["args"]["max_length"],
         # Measured on the eval split (README, "Status"): guidance at later stages repeats objects on this model.
         "refine_guidance_scale": 1.0,
+        **(video if state.get("num_frames") else {}),
     }
 
 
@@ -181,11 +245,14 @@ def _card_info(state: dict) -> dict:
 
 def training_loss(unet, scheduler, images: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor,
                   generator: torch.Generator) -> torch.Tensor:
-    """Epsilon-prediction MSE at uniformly drawn timesteps."""
+    """Epsilon-prediction MSE at uniformly drawn timesteps (one per image or clip).
+
+    Clips [B, 3, F, H, W] go to a UNet3DConditionModel, which takes no text mask (it attends to padding)."""
     noise = torch.randn(images.shape, generator=generator).to(images.device)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (images.shape[0],), generator=generator).to(images.device)
     noisy = scheduler.add_noise(images, noise, t)
-    pred = unet(noisy, t, encoder_hidden_states=hidden, encoder_attention_mask=mask).sample
+    masks = {} if images.ndim == 5 else {"encoder_attention_mask": mask}
+    pred = unet(noisy, t, encoder_hidden_states=hidden, **masks).sample
     return F.mse_loss(pred.float(), noise.float())
 
 
@@ -198,8 +265,8 @@ def _hardware(accelerator) -> str:
 def train(args: argparse.Namespace, dataset=None) -> dict:
     """Train (resuming from ``args.run_dir``'s checkpoint if any) until ``args.max_steps``.
 
-    ``dataset`` defaults to the emoji train split at 32 px; tests pass a tiny one. Returns the final
-    checkpoint state.
+    ``dataset`` defaults to the emoji train split at 32 px (``--frames``: the emoji motion clips); tests
+    pass a tiny one. Returns the final checkpoint state.
     """
     from accelerate import Accelerator
 
@@ -209,23 +276,27 @@ def train(args: argparse.Namespace, dataset=None) -> dict:
     run_dir = Path(args.run_dir)
     device = accelerator.device
 
+    video = args.frames is not None
+    if video and args.zoom_prob > 0:
+        raise ValueError("--zoom-prob applies to image training only; drop it with --frames.")
     if dataset is None:
-        from selfcascade.data.loader import EmojiDataset
-
-        dataset = EmojiDataset(args.cache_dir, size=BASE_SIZE, split="train", max_length=args.max_length)
+        dataset = _default_dataset(args)
 
     ckpt = find_checkpoint(run_dir)
     state: dict
     if ckpt is not None:
         state = read_checkpoint_state(ckpt)
-        unet = build_unet(state["unet_config"])
+        if state.get("num_frames") != args.frames:
+            raise ValueError(f"{run_dir} holds a run with --frames {state.get('num_frames')}; resume it with the same "
+                             "--frames or give another --run-dir.")
+        unet = build_unet(state["unet_config"], video=video)
         unet.load_state_dict(load_file(str(ckpt / "model.safetensors")))
         logger.info("resuming from %s at step %d", ckpt, state["step"])
-    elif args.init_from:
-        from diffusers import UNet2DConditionModel
+    elif args.init_from or video:
+        from selfcascade.backbones.embedded import SHIPPED_DIR
 
-        init_dir = Path(args.init_from)
-        unet = UNet2DConditionModel.from_pretrained(init_dir / "unet", torch_dtype=torch.float32)
+        init_dir = Path(args.init_from) if args.init_from else SHIPPED_DIR
+        unet = _load_init(init_dir / "unet", video)
         card = json.loads((init_dir / MODEL_CARD_JSON).read_text()) if (init_dir / MODEL_CARD_JSON).exists() else {}
         state = {"step": 0, "train_seconds": 0.0, "init_from": str(init_dir),
                  "init_steps": card.get("train_steps", 0), "init_seconds": card.get("train_seconds", 0.0)}
@@ -239,6 +310,7 @@ def train(args: argparse.Namespace, dataset=None) -> dict:
     state["args"] = {k: getattr(args, k) for k in ("batch_size", "lr", "warmup", "ema_decay", "caption_dropout",
                                                     "seed", "max_length", "zoom_prob", "zoom_factors")}
     state["hardware"] = _hardware(accelerator)
+    state["num_frames"] = args.frames
 
     unet.to(device)
     ema = EMA(unet, args.ema_decay)
@@ -293,6 +365,37 @@ def train(args: argparse.Namespace, dataset=None) -> dict:
     return state
 
 
+def _default_dataset(args: argparse.Namespace):
+    from selfcascade.data.emoji import default_cache_dir
+    from selfcascade.data.loader import ClipDataset, EmojiDataset
+
+    if args.frames is None:
+        return EmojiDataset(args.cache_dir, size=BASE_SIZE, split="train", max_length=args.max_length)
+    from selfcascade.data.emoji_clips import clips_dir
+    from selfcascade.train_upsamplers import load_clip_folder
+
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    folder = clips_dir(cache_dir, BASE_SIZE, "train")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no emoji motion clips at {BASE_SIZE} px in {folder}: make them with "
+                                f"`selfcascade data clips --sizes {BASE_SIZE} 64 --count 3000`.")
+    clips = load_clip_folder(folder, BASE_SIZE, args.frames)
+    return ClipDataset(clips.images, clips.captions, cache_dir, args.max_length)
+
+
+def _load_init(unet_dir: Path, video: bool) -> torch.nn.Module:
+    """The UNet of an exported model; for video training a 2D one is inflated (``inflate_unet``)."""
+    import diffusers
+
+    unet_class = json.loads((unet_dir / "config.json").read_text())["_class_name"]
+    if video and unet_class == "UNet2DConditionModel":
+        return inflate_unet(diffusers.UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32))
+    if unet_class != ("UNet3DConditionModel" if video else "UNet2DConditionModel"):
+        raise ValueError(f"{unet_dir} holds a {unet_class}; {'--frames needs' if video else 'image training needs'} "
+                         "a UNet2DConditionModel (or, with --frames, a UNet3DConditionModel) to start from.")
+    return getattr(diffusers, unet_class).from_pretrained(unet_dir, torch_dtype=torch.float32)
+
+
 def _checkpoint(accelerator, run_dir: Path, unet, ema: EMA, optimizer, state: dict, step: int,
                 args: argparse.Namespace) -> None:
     accelerator.wait_for_everyone()
@@ -326,6 +429,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "4x scale, what cascade stages ask the model to denoise)")
     parser.add_argument("--zoom-factors", type=int, nargs="+", default=[2],
                         help="zoom factors drawn uniformly for --zoom-prob windows (2: 64 px renderings, 4: 128 px)")
+    parser.add_argument("--frames", type=int, default=None,
+                        help="train the embedded video model on clips of this many frames (the image model of "
+                             "--init-from, default the shipped one, inflated with temporal layers)")
     parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="caption tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=100)

@@ -38,7 +38,7 @@ class Backbone:
 
     Subclasses set ``latent_channels``, ``spatial_factor`` (pixels per latent cell) and implement
     ``encode_prompt``, ``decode`` and ``encode``; SDXL also overrides ``added_cond_kwargs``; video
-    backbones set ``default_num_frames`` and override ``latent_shape``.
+    backbones set ``default_num_frames``.
     """
 
     latent_channels: int
@@ -118,11 +118,14 @@ class Backbone:
         return self.default_num_frames is not None
 
     def latent_shape(self, batch: int, height: int, width: int, num_frames: int | None = None) -> tuple[int, ...]:
-        """Shape of the latents of ``batch`` samples at ``height x width`` pixels."""
+        """Shape of the latents of ``batch`` samples at ``height x width`` pixels ([B, C, F, h, w] for video)."""
+        spatial = (height // self.spatial_factor, width // self.spatial_factor)
+        if self.is_video:
+            return batch, self.latent_channels, self.default_num_frames if num_frames is None else num_frames, *spatial
         if num_frames is not None:
             raise ValueError(f"{self.name} is an image model: num_frames applies only to text-to-video models "
-                             "(e.g. a TextToVideoSDPipeline).")
-        return batch, self.latent_channels, height // self.spatial_factor, width // self.spatial_factor
+                             "(e.g. a TextToVideoSDPipeline or 'embedded-video').")
+        return batch, self.latent_channels, *spatial
 
     # ------------------------------------------------------------------------ model specifics
     def encode_prompt(

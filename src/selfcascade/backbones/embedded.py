@@ -1,8 +1,10 @@
-"""The embedded default: a small pixel-space text-to-image UNet the project trains and ships.
+"""The embedded defaults: small pixel-space text-to-image and text-to-video UNets the project trains and ships.
 
-Its folder holds ``unet/`` and ``scheduler/`` (diffusers ``save_pretrained`` layout) and
+A model folder holds ``unet/`` and ``scheduler/`` (diffusers ``save_pretrained`` layout) and
 ``selfcascade_model.json`` naming the text encoder. Pixels are the latents (spatial factor 1), so
-decode and encode are just the [-1, 1] <-> [0, 1] maps.
+decode and encode are just the [-1, 1] <-> [0, 1] maps, elementwise, hence the same for clips
+[B, C, F, H, W]. The video model is a ``UNet3DConditionModel`` (the image model inflated with temporal
+layers, see ``selfcascade.train_base``); its card's ``num_frames`` makes the backbone a video one.
 """
 
 from __future__ import annotations
@@ -14,21 +16,25 @@ import torch
 
 from .base import Backbone, PromptEmbeds
 
-#: Where the shipped weights live inside the installed package.
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "embedded_model"
+#: Where the shipped weights live inside the installed package, by the name that loads them.
+SHIPPED = {"embedded": Path(__file__).resolve().parent.parent / "embedded_model",
+           "embedded-video": Path(__file__).resolve().parent.parent / "embedded_video_model"}
+SHIPPED_DIR = SHIPPED["embedded"]
 CONFIG_NAME = "selfcascade_model.json"
 #: Feature-upsampler banks tuned on the model (``<model>/banks/<name>/``), tuned mode's default.
 BANKS_DIR = "banks"
 
 
 class EmbeddedBackbone(Backbone):
-    """Pixel-space UNet2DConditionModel conditioned on MiniLM token embeddings."""
+    """Pixel-space UNet2D/3DConditionModel conditioned on MiniLM token embeddings."""
 
     spatial_factor = 1
 
     def __init__(self, unet: torch.nn.Module, scheduler, text_encoder, name: str = "embedded",
-                 default_guidance_scale: float | None = None, refine_guidance_scale: float | None = None) -> None:
+                 default_guidance_scale: float | None = None, refine_guidance_scale: float | None = None,
+                 num_frames: int | None = None) -> None:
         super().__init__(unet, scheduler)
+        self.default_num_frames = num_frames
         self.text_encoder = text_encoder
         self.latent_channels = unet.config.in_channels
         self.name = name
@@ -38,13 +44,13 @@ class EmbeddedBackbone(Backbone):
             self.default_refine_guidance_scale = refine_guidance_scale
 
     @classmethod
-    def from_folder(cls, path: str | Path | None = None) -> "EmbeddedBackbone":
-        """Load a folder written by ``selfcascade train-base --export`` (default: the shipped model)."""
-        from diffusers import DDPMScheduler, UNet2DConditionModel
+    def from_folder(cls, path: str | Path | None = None, shipped: str = "embedded") -> "EmbeddedBackbone":
+        """Load a folder written by ``selfcascade train-base --export`` (default: the shipped model ``shipped``)."""
+        import diffusers
 
         from ..text_encoder import TextEncoder
 
-        folder = Path(path) if path is not None else SHIPPED_DIR
+        folder = Path(path) if path is not None else SHIPPED[shipped]
         config_file = folder / CONFIG_NAME
         if not config_file.is_file():
             hint = ("the shipped model is missing from this install; reinstall selfcascade or train one with "
@@ -52,16 +58,21 @@ class EmbeddedBackbone(Backbone):
             raise FileNotFoundError(f"{config_file} not found: {hint}.")
         config = json.loads(config_file.read_text())
         # Shipped weights are stored in fp16 (half the size); compute starts in fp32 and .to() picks the dtype.
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True, torch_dtype=torch.float32)
-        scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+        unet_class = json.loads((folder / "unet" / "config.json").read_text())["_class_name"]
+        if unet_class not in ("UNet2DConditionModel", "UNet3DConditionModel"):
+            raise ValueError(f"{folder / 'unet'} holds a {unet_class}; the embedded backbone takes a UNet2DConditionModel "
+                             "or UNet3DConditionModel.")
+        unet = getattr(diffusers, unet_class).from_pretrained(folder / "unet", use_safetensors=True,
+                                                              torch_dtype=torch.float32)
+        scheduler = diffusers.DDPMScheduler.from_pretrained(folder / "scheduler")
         encoder = TextEncoder(max_length=int(config.get("max_length", 32)))
-        name = "embedded" if path is None else str(folder)
+        name = shipped if path is None else str(folder)
         return cls(unet, scheduler, encoder, name=name, default_guidance_scale=config.get("guidance_scale"),
-                   refine_guidance_scale=config.get("refine_guidance_scale"))
+                   refine_guidance_scale=config.get("refine_guidance_scale"), num_frames=config.get("num_frames"))
 
     def default_banks(self, stage_sizes: list[tuple[int, int]]) -> list[str] | None:
         """The banks under ``<model>/banks/``: per stage, the one tuned for the nearest side (e.g. 64, 128)."""
-        folder = (SHIPPED_DIR if self.name == "embedded" else Path(self.name)) / BANKS_DIR
+        folder = SHIPPED.get(self.name, Path(self.name)) / BANKS_DIR
         tuned_for = {}
         for config in sorted(folder.glob("*/config.json")):
             tuned_for[config.parent] = json.loads(config.read_text()).get("train_size", [0])[0]
@@ -90,10 +101,12 @@ class EmbeddedBackbone(Backbone):
                     mask.to(self.device).repeat_interleave(num_images_per_prompt, 0))
 
         embeds, mask = encode(prompt)
+        if self.is_video:  # UNet3DConditionModel takes no encoder_attention_mask: it attends to padding, as trained
+            mask = None
         if not do_cfg:
             return PromptEmbeds(embeds=embeds, mask=mask)
         negative, negative_mask = encode(negative_prompt or [""] * len(prompt))
-        return PromptEmbeds(embeds=embeds, negative=negative, mask=mask, negative_mask=negative_mask)
+        return PromptEmbeds(embeds=embeds, negative=negative, mask=mask, negative_mask=None if mask is None else negative_mask)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return (latents.float() / 2 + 0.5).clamp(0, 1)

@@ -46,10 +46,6 @@ class VideoBackbone(SDBackbone):
             raise ValueError(f"decode_chunk_size must be a positive number of frames, got {value!r}.")
         self._decode_chunk_size = value
 
-    def latent_shape(self, batch: int, height: int, width: int, num_frames: int | None = None) -> tuple[int, ...]:
-        frames = self.default_num_frames if num_frames is None else num_frames
-        return batch, self.latent_channels, frames, height // self.spatial_factor, width // self.spatial_factor
-
     def _per_frame(self, fn: Callable[[torch.Tensor], torch.Tensor], video: torch.Tensor) -> torch.Tensor:
         """Apply an image function to every frame of [B, C, F, H, W], ``decode_chunk_size`` frames per call."""
         if video.ndim != 5:

@@ -102,3 +102,32 @@ class EmojiDataset(torch.utils.data.Dataset):
     def uncond(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The empty prompt's (hidden [L, 384], mask [L]): the classifier-free-guidance context."""
         return self.captions.uncond_hidden.float(), self.captions.uncond_mask
+
+
+class ClipDataset:
+    """Clips of one size (uint8 [N, 3, F, S, S]) and their caption embeddings, for training a video model.
+
+    ``batch`` mirrors ``EmojiDataset.batch``: clips in [-1, 1], hidden [B, L, 384], masks [B, L].
+    """
+
+    def __init__(self, clips: torch.Tensor, captions: list[str], cache_dir: Path | str | None = None,
+                 max_length: int = DEFAULT_MAX_LENGTH, encoder: TextEncoder | None = None) -> None:
+        if clips.ndim != 5 or len(clips) != len(captions):
+            raise ValueError(f"need clips [N, 3, F, S, S] and one caption each, got {tuple(clips.shape)} and "
+                             f"{len(captions)} captions.")
+        cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.clips = clips
+        self.captions = CaptionCache.build(captions, cache_dir / f"captions_clips_minilm_l{max_length}.safetensors",
+                                           encoder)
+        self.caption_index = torch.tensor([self.captions.index[c] for c in captions])
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        clips = self.clips[indices].float() / 127.5 - 1.0
+        c = self.caption_index[indices]
+        return clips, self.captions.hidden[c].float(), self.captions.mask[c]
+
+    def uncond(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.captions.uncond_hidden.float(), self.captions.uncond_mask

@@ -365,3 +365,15 @@ def test_from_pretrained_folder_without_model_index(tmp_path):
     (tmp_path / "unet").mkdir()
     with pytest.raises(FileNotFoundError, match=r"has no model_index.json.*save_pretrained"):
         SelfCascadePipeline.from_pretrained(tmp_path, device="cpu")
+
+
+def test_image_is_upscaled_in_place_of_stage0(sd):
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = sd(PROMPT, 64, 64, seed=0, output_type="latent", return_stages=True, image=image, **FAST)
+    torch.testing.assert_close(out.stages[0], sd.backbone.encode(image))  # stage 0 is the given image, not sampled
+    sampled = sd(PROMPT, 64, 64, seed=0, output_type="latent", **FAST)
+    assert not torch.allclose(out.images, sampled.images)  # the later stage starts from it
+    with pytest.raises(ValueError, match=r"do not fit stage 0.*32x32 px"):
+        sd(PROMPT, 64, 64, seed=0, image=torch.rand(1, 3, 48, 48), **FAST)
+    with pytest.raises(ValueError, match="mode='direct' has none"):
+        sd(PROMPT, 64, 64, seed=0, mode="direct", image=image, **FAST)

@@ -158,8 +158,12 @@ def sample_cascade(
     progress: bool = True,
     stage_context: StageContext | None = None,
     num_frames: int | None = None,
+    start_latents: torch.Tensor | None = None,
 ) -> CascadeResult:
     """Sample every stage of ``plan``; ``generators[r]`` holds one generator per image for stage r.
+
+    ``start_latents`` (e.g. an existing image or clip, encoded) stand in for stage 0, which is then
+    not sampled: the cascade only upscales them.
 
     ``num_frames`` (video backbones only) stays fixed across stages: the plan scales height and width.
 
@@ -175,6 +179,12 @@ def sample_cascade(
         inputs = backbone.unet_inputs(embeds, h, w, do_cfg=guidance > 1.0)
         shape = backbone.latent_shape(batch, h, w, num_frames)
         noise = randn_tensor(shape, generator=generators[r], device=device, dtype=dtype)
+        if r == 0 and start_latents is not None:
+            if tuple(start_latents.shape) != tuple(shape):
+                raise ValueError(f"start latents of shape {tuple(start_latents.shape)} do not fit stage 0, which "
+                                 f"needs {tuple(shape)} ({h}x{w} px).")
+            stage_latents.append(start_latents.to(device, dtype))
+            continue
         if r == 0:
             scheduler.set_timesteps(num_inference_steps, device=device)
             timesteps = scheduler.timesteps

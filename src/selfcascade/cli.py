@@ -79,9 +79,9 @@ def parse_positive_int(text: str) -> int:
 
 def _add_model_args(p: argparse.ArgumentParser, video: bool = False) -> None:
     if video:
-        p.add_argument("--model", required=True,
-                       help="a diffusers text-to-video folder or hub id (TextToVideoSDPipeline, e.g. "
-                            "ali-vilab/text-to-video-ms-1.7b)")
+        p.add_argument("--model", default="embedded-video",
+                       help="'embedded-video' (the small video model shipped with selfcascade), a diffusers "
+                            "text-to-video folder or hub id (TextToVideoSDPipeline, e.g. ali-vilab/text-to-video-ms-1.7b)")
     else:
         p.add_argument("--model", default="embedded",
                        help="'embedded' (the model shipped with selfcascade), a diffusers folder, or a hub id")
@@ -175,8 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_size_args(v)
     _add_model_args(v, video=True)
     _add_sampling_args(v, VIDEO_MODES)
-    v.add_argument("--frames", type=parse_positive_int, default=16,
-                   help="frames per clip, the same at every stage (the cascade scales height and width only)")
+    v.add_argument("--frames", type=parse_positive_int, default=None,
+                   help="frames per clip, the same at every stage (the cascade scales height and width only); "
+                        "default: the model's (16 for TextToVideoSDPipeline, 8 for embedded-video)")
     v.add_argument("--fps", type=float, default=8.0, help="frames per second of the written clip")
     v.add_argument("--decode-chunk", type=parse_positive_int, default=8,
                    help="frames the VAE decodes at once (lower it if decoding runs out of memory)")
@@ -314,11 +315,13 @@ def cmd_generate_video(args: argparse.Namespace) -> int:
     if not bb.is_video:
         raise ValueError(f"{bb.name} makes images, not clips: give generate-video a text-to-video model (a "
                          "TextToVideoSDPipeline folder or hub id), or use `selfcascade generate`.")
-    bb.decode_chunk_size = args.decode_chunk
+    if hasattr(bb, "decode_chunk_size"):  # latent video models decode in chunks; pixel-space ones decode elementwise
+        bb.decode_chunk_size = args.decode_chunk
+    frames = args.frames or bb.default_num_frames
     if args.dry_run:
-        return _dry_run(args, cascade, height, width, guidance, plan, paths, frames=args.frames, fps=args.fps)
-    logger.info("%s\n  %d frames per clip", plan, args.frames)
-    result = cascade(args.prompt, height, width, num_frames=args.frames, **_sampling_kwargs(args, guidance))
+        return _dry_run(args, cascade, height, width, guidance, plan, paths, frames=frames, fps=args.fps)
+    logger.info("%s\n  %d frames per clip", plan, frames)
+    result = cascade(args.prompt, height, width, num_frames=frames, **_sampling_kwargs(args, guidance))
     for seed, path, clip in zip(result.seeds, paths, result.frames):
         print(save_video(clip, path, args.fps, result.settings, seed))
     return 0

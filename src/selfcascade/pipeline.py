@@ -270,6 +270,7 @@ class SelfCascadePipeline:
         callback: StepCallback | None = None,
         progress: bool = True,
         upsamplers: Upsamplers | None = None,
+        image: torch.Tensor | None = None,
     ) -> CascadeOutput:
         """Generate ``height x width`` images or clips (default: 2x the base size per side, 4x pixels).
 
@@ -285,6 +286,8 @@ class SelfCascadePipeline:
         regenerated alone.
         ``upsamplers`` (mode="tuned"): a tuned feature-upsampler bank, its folder or hub id, or one per
         stage after the first; a bank shaped for another model raises a ValueError.
+        ``image``: upscale this instead of sampling stage 0: [B, 3, H, W] (video: [B, 3, F, H, W]) in [0, 1] at
+        the plan's first size (the model's base size), one per prompt and image.
         """
         bb = self.backbone
         # 1. check inputs and resolve defaults
@@ -329,13 +332,19 @@ class SelfCascadePipeline:
             [torch.Generator(gen_device).manual_seed(stage_seed(s, r)) for s in seeds] for r in range(plan.num_stages)
         ]
 
+        start = None
+        if image is not None:
+            if mode in SINGLE_STAGE_MODES:
+                raise ValueError(f"image= is upscaled by the later stages of a cascade; mode={mode!r} has none.")
+            start = bb.encode(image.to(bb.device, torch.float32))
+
         # 4. sample every stage (the attn-sf and redilate baselines alter the UNet for this call only)
         with baseline_context(mode, bb.unet, plan, num_train_timesteps):
             result = sample_cascade(
                 bb, plan, embeds, generators, num_inference_steps=num_inference_steps, k=k,
                 guidance_scales=guidance, pivot_space=pivot_space, callback=callback, progress=progress,
                 stage_context=tuned_stage_context(bb.unet, banks) if banks is not None else None,
-                num_frames=num_frames,
+                num_frames=num_frames, start_latents=start,
             )
 
         # 5. decode

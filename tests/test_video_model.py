@@ -82,6 +82,15 @@ def test_video_training_exports_a_model_the_pipeline_samples_clips_with(tmp_path
     with pytest.raises(ValueError, match="same --frames"):
         train_base.train(_args(tmp_path / "video", "--max-steps", "4", "--frames", "4"), TinyClips())
 
+    from PIL import Image
+
+    from selfcascade.model_card import SAMPLES_GIF, write_model_card
+
+    text = write_model_card(tmp_path / "video-model", captions=["red apple, fruit, noto style"], steps=1).read_text()
+    assert "video model" in text and "3 steps on clips" in text and "red apple, fruit, noto style, moving right" in text
+    with Image.open(tmp_path / "video-model" / SAMPLES_GIF) as gif:
+        assert gif.n_frames == 2  # one grid per frame of the clips
+
     cascade = SelfCascadePipeline.from_pretrained(tmp_path / "video-model", device="cpu")
     assert cascade.backbone.is_video and cascade.backbone.default_num_frames == 2
     out = cascade("a red apple, moving left", 16, 16, num_inference_steps=2, seed=0, output_type="pt")

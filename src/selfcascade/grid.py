@@ -33,3 +33,13 @@ def make_grid(cells: list[list[Image.Image]], row_labels: list[str], col_labels:
             shown = image.resize((round(image.width * scale), round(image.height * scale)), Image.NEAREST)
             grid.paste(shown, (_ROW_LABEL_W + j * (cell + _PAD) + _PAD, top))
     return grid
+
+
+def make_video_grid(cells: list[list[list[Image.Image]]], row_labels: list[str], col_labels: list[str],
+                    cell: int | None = None) -> list[Image.Image]:
+    """``make_grid`` frame by frame: ``cells[i][j]`` is a clip (a list of frames, the same count in every cell)."""
+    counts = {len(clip) for row in cells for clip in row}
+    if len(counts) != 1:
+        raise ValueError(f"every clip of a video grid needs the same number of frames, got {sorted(counts)}")
+    return [make_grid([[clip[f] for clip in row] for row in cells], row_labels, col_labels, cell)
+            for f in range(counts.pop())]

@@ -1,4 +1,5 @@
-"""Model card of an exported embedded model: ``README.md`` plus a sample grid of held-out captions.
+"""Model card of an exported embedded model: ``README.md`` plus a sample grid of held-out captions
+(for the video model an animated GIF grid, the captions with motion words).
 
     python -m selfcascade.model_card src/selfcascade/embedded_model
 
@@ -17,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .grid import make_grid
-from .io import atomic_path, save_png
+from .grid import make_grid, make_video_grid
+from .io import atomic_path, save_png, save_video
 
 #: Concepts of the eval split (held out of every training run), one caption per style.
 HELD_OUT_CAPTIONS = (
@@ -31,53 +32,76 @@ HELD_OUT_CAPTIONS = (
     "dolphin, animal, beach, fluent style",
     "cloud, weather, twemoji style",
 )
+#: The video model's clips are captioned "<emoji caption>, <motion words>" (``selfcascade data clips``).
+MOTION_WORDS = ("moving right", "spinning clockwise", "bouncing", "moving up and left")
 SAMPLES_PNG = "samples.png"
+SAMPLES_GIF = "samples.gif"
 
 
 def sample_grid(model_dir: Path, captions: Sequence[str] = HELD_OUT_CAPTIONS, seeds: Sequence[int] = (0, 1, 2, 3),
                 steps: int = 50, guidance_scale: float | None = None, cell: int = 64):
-    """One row per caption, one column per seed, at the model's base size."""
+    """One row per caption, one column per seed, at the model's base size; a video model gives a list of frames."""
     from .pipeline import SelfCascadePipeline
 
     cascade = SelfCascadePipeline.from_pretrained(model_dir, device="cpu", dtype=torch.float32)
     size = cascade.backbone.base_size
+    video = cascade.backbone.is_video
     rows = []
     for caption in captions:
         out = cascade(caption, *size, mode="direct", num_inference_steps=steps, guidance_scale=guidance_scale,
                       seed=list(seeds), num_images_per_prompt=len(seeds), progress=False)
         rows.append(out.images)
     labels = [c.split(",")[0][:13] + " / " + c.rsplit(",", 1)[-1].replace(" style", "").strip() for c in captions]
-    return make_grid(rows, labels, [f"seed {s}" for s in seeds], cell=cell)
+    return (make_video_grid if video else make_grid)(rows, labels, [f"seed {s}" for s in seeds], cell=cell)
 
 
 def card_text(info: dict, captions: Sequence[str]) -> str:
     hours = info.get("train_seconds", 0) / 3600
+    video = info.get("num_frames") is not None
+    samples = SAMPLES_GIF if video else SAMPLES_PNG
+    if video:
+        intro = ["# selfcascade embedded video model", "",
+                 f"A small text-to-video diffusion model in pixel space ({info['num_frames']} frames), trained by this "
+                 "project so that selfcascade's video path runs on a fresh machine with no downloads. It is the "
+                 "embedded image model inflated to 3D (temporal convolutions and attentions added as identities) "
+                 "and trained further on emoji motion clips; it exists to measure the self-cascade on video offline."]
+        architecture = (f"diffusers UNet3DConditionModel, {info['parameters']:,} parameters, pixel space, "
+                        f"{info['base_size']}x{info['base_size']} x {info['num_frames']} frames")
+        training = (f"{info['video_train_steps']:,} steps on clips ({info['video_train_seconds'] / 3600:.1f} h on "
+                    f"{info.get('hardware', 'unrecorded hardware')}), batch {info['batch_size']} clips, AdamW lr "
+                    f"{info['learning_rate']}, EMA {info['ema_max_decay']}, caption dropout {info['caption_dropout']}; "
+                    f"started from the image model ({info['train_steps'] - info['video_train_steps']:,} image steps)")
+        wall = f"{hours:.1f} h in all (image and video training)"
+    else:
+        intro = ["# selfcascade embedded model", "",
+                 "A small text-to-image diffusion model in pixel space, trained by this project so that",
+                 "selfcascade runs on a fresh machine with no downloads. It exists to make the self-cascade",
+                 "measurable offline; it is not a general-purpose image model."]
+        architecture = (f"diffusers UNet2DConditionModel, {info['parameters']:,} parameters, pixel space, "
+                        f"{info['base_size']}x{info['base_size']} base size")
+        training = (f"{info['train_steps']:,} steps, batch {info['batch_size']}, AdamW lr {info['learning_rate']}, "
+                    f"EMA {info['ema_max_decay']}, caption dropout {info['caption_dropout']} (for guidance)")
+        wall = f"{hours:.1f} h of training on {info.get('hardware', 'unrecorded hardware')}"
     lines = [
-        "# selfcascade embedded model",
-        "",
-        "A small text-to-image diffusion model in pixel space, trained by this project so that",
-        "selfcascade runs on a fresh machine with no downloads. It exists to make the self-cascade",
-        "measurable offline; it is not a general-purpose image model.",
+        *intro,
         "",
         "| | |",
         "|---|---|",
-        f"| architecture | diffusers UNet2DConditionModel, {info['parameters']:,} parameters, pixel space, "
-        f"{info['base_size']}x{info['base_size']} base size, attention only at the 4x4 level and the mid block |",
+        f"| architecture | {architecture}, attention only at the 4x4 level and the mid block |",
         f"| text encoder | {info['text_encoder']} (all-MiniLM-L6-v2, frozen), per-token states, {info['max_length']} tokens |",
         f"| data | {info['data']}; captions `{info['caption_format']}` |",
-        f"| training | {info['train_steps']:,} steps, batch {info['batch_size']}, AdamW lr {info['learning_rate']}, "
-        f"EMA {info['ema_max_decay']}, caption dropout {info['caption_dropout']} (for guidance) |",
-        f"| wall time | {hours:.1f} h of training on {info.get('hardware', 'unrecorded hardware')} |",
+        f"| training | {training} |",
+        f"| wall time | {wall} |",
         "| objective | epsilon prediction, DDPM linear betas 1e-4..0.02, 1000 steps |",
         f"| sampling defaults | guidance 7.5 at the base size, {info.get('refine_guidance_scale', 7.5):g} at later cascade "
         "stages (guidance there turns patches of the pivot into whole objects: repetition) |",
         "| licence | code Apache-2.0; weights inherit the artwork licences (CC BY-SA 4.0, CC BY 4.0, Apache-2.0, MIT) |",
         "",
-        f"![samples]({SAMPLES_PNG})",
+        f"![samples]({samples})",
         "",
-        f"`{SAMPLES_PNG}`: held-out captions (their concepts are in the eval split, never trained on), "
-        "base size, 50 DDIM steps, default guidance, seeds 0-3. Regenerate with "
-        "`python -m selfcascade.model_card DIR`.",
+        f"`{samples}`: held-out captions (their concepts are in the eval split, never trained on)"
+        f"{', with motion words' if video else ''}, base size, 50 DDIM steps, default guidance, seeds 0-3. "
+        "Regenerate with `python -m selfcascade.model_card DIR`.",
         "",
         "Captions:",
         "",
@@ -94,7 +118,11 @@ def write_model_card(model_dir: str | os.PathLike, captions: Sequence[str] = HEL
     if not info_path.is_file():
         raise FileNotFoundError(f"{info_path} not found: export a model first (`selfcascade train-base --export DIR`).")
     info = json.loads(info_path.read_text())
-    save_png(sample_grid(model_dir, captions, steps=steps), model_dir / SAMPLES_PNG)
+    if info.get("num_frames") is None:
+        save_png(sample_grid(model_dir, captions, steps=steps), model_dir / SAMPLES_PNG)
+    else:
+        captions = [f"{c}, {MOTION_WORDS[i % len(MOTION_WORDS)]}" for i, c in enumerate(captions)]
+        save_video(sample_grid(model_dir, captions, steps=steps), model_dir / SAMPLES_GIF, fps=4)
     readme = model_dir / "README.md"
     with atomic_path(readme) as tmp:
         tmp.write_text(card_text(info, captions))

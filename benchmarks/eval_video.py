@@ -1,0 +1,164 @@
+"""Temporal consistency of video self-cascade at 4x pixels (paper section 5.3) on the embedded video model.
+
+    python benchmarks/eval_video.py --num-clips 32 --steps 25
+
+Two protocols on the held-out emoji motion clips (``selfcascade data clips --split eval``: emoji never
+used in training, each moved by a known affine):
+
+* **upscale** (ground-truth motion): every method gets the real 32 px clip as its stage-0 result
+  (``image=``) and makes the 64 px clip. Then the true motion is known, so the *warping error* (mean
+  |warp(frame t) - frame t+1| under the true motion, lower = moves as it should, no flicker) is exact;
+  beside it the plain frame difference and the L1 error to the real 64 px clip. Rows: bilinear
+  upsampling (no model), the video model's tuning-free and tuned cascade, and the *image* model's
+  tuned cascade applied to each frame alone (super-resolving frames, which the paper compares with).
+* **generate** (text only): the captions of the same clips, generated at 64 px by direct inference,
+  tuning-free and tuned. No ground truth exists, so only motion-free numbers: frame difference and the
+  cosine similarity of consecutive frames' features (``selfcascade.metrics.features``, emoji CNN).
+
+No offline video feature network exists here, so there is no FVD. Writes
+``benchmarks/results/video_<model>.{md,csv}`` and a GIF of the first clips of every method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench_inference import device_name, write_results
+from selfcascade.data.emoji import default_cache_dir
+from selfcascade.data.emoji_clips import clips_dir, read_motion
+from selfcascade.io import save_video
+from selfcascade.metrics.features import load_features
+from selfcascade.metrics.temporal import frame_difference, warping_error
+from selfcascade.pipeline import SelfCascadePipeline
+from selfcascade.train_upsamplers import read_clip_frames
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load_eval_clips(size: int, count: int, frames: int) -> tuple[torch.Tensor, list[str], list[torch.Tensor]]:
+    """The first ``count`` eval clips at ``size``: frames [N, 3, F, S, S] in [0, 1], captions, motions."""
+    folder = clips_dir(default_cache_dir(), size, "eval")
+    metas = sorted(folder.glob("*.json"))[:count]
+    if len(metas) < count:
+        raise FileNotFoundError(f"{len(metas)} eval clips at {size} px in {folder}; make them with "
+                                f"`selfcascade data clips --split eval --sizes 32 64 --count {count}`.")
+    clips = [np.stack([np.asarray(f.convert("RGB")) for f in read_clip_frames(m.with_suffix(""), frames)]) for m in metas]
+    pixels = torch.from_numpy(np.stack(clips)).permute(0, 4, 1, 2, 3).float() / 255
+    captions = [json.loads(m.read_text())["caption"] for m in metas]
+    return pixels, captions, [read_motion(m)[:frames] for m in metas]
+
+
+def frames_of(out) -> torch.Tensor:
+    """A pipeline's pt output -> [N, 3, F, H, W] (videos come as [N, F, 3, H, W])."""
+    return out.images.transpose(1, 2)
+
+
+def feature_consistency(extractor, clip: torch.Tensor) -> float:
+    """Mean cosine similarity of consecutive frames' features; ``clip`` [3, F, H, W] in [0, 1]."""
+    feats = torch.nn.functional.normalize(extractor(clip.transpose(0, 1)).float(), dim=1)
+    return (feats[1:] * feats[:-1]).sum(1).mean().item()
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    video = SelfCascadePipeline.from_pretrained(args.model)
+    image = SelfCascadePipeline.from_pretrained(args.image_model)
+    frames = video.backbone.default_num_frames
+    low, captions, motions = load_eval_clips(32, args.num_clips, frames)
+    high, _, _ = load_eval_clips(64, args.num_clips, frames)
+    extractor = load_features("emoji")
+    common = dict(num_inference_steps=args.steps, output_type="pt", progress=False)
+    modes = {"tuning-free": {}}
+    if args.bank or video.backbone.default_banks([(64, 64)]):
+        modes["tuned"] = {"upsamplers": args.bank}
+    else:
+        print(f"{args.model} has no shipped banks and no --bank was given: no tuned rows")
+    rows, shown = [], {}
+
+    def record(protocol: str, method: str, clips: torch.Tensor, seconds: float) -> None:
+        warp = [warping_error(c.transpose(0, 1), m) for c, m in zip(clips, motions)] if protocol == "upscale" else []
+        row = {
+            "protocol": protocol, "method": method, "clips": len(clips),
+            "warping_error": round(float(np.mean(warp)), 4) if warp else "",
+            "frame_difference": round(float(np.mean([frame_difference(c.transpose(0, 1)) for c in clips])), 4),
+            "feature_consistency": round(float(np.mean([feature_consistency(extractor, c) for c in clips])), 4),
+            "l1_to_real": round((clips - high).abs().mean().item(), 4) if protocol == "upscale" else "",
+            "s_per_clip": round(seconds / len(clips), 3),
+        }
+        rows.append(row)
+        shown[f"{protocol}/{method}"] = clips[: args.show]
+        print(row, flush=True)
+
+    record("upscale", "real 64 px", high, 0.0)
+    start = time.perf_counter()
+    bilinear = torch.nn.functional.interpolate(low.transpose(1, 2).flatten(0, 1), size=(64, 64), mode="bilinear",
+                                               align_corners=False).unflatten(0, (len(low), frames)).transpose(1, 2)
+    record("upscale", "bilinear", bilinear.clamp(0, 1), time.perf_counter() - start)
+    for mode, extra in modes.items():
+        start, outs = time.perf_counter(), []
+        for i, caption in enumerate(captions):
+            outs.append(frames_of(video(caption, 64, 64, mode=mode, image=low[i : i + 1], seed=args.seed + i,
+                                        **extra, **common)))
+        record("upscale", f"video model, {mode}", torch.cat(outs), time.perf_counter() - start)
+    start, outs = time.perf_counter(), []
+    for i, caption in enumerate(captions):  # each frame upscaled alone by the image model: independent noise
+        out = image([caption] * frames, 64, 64, mode="tuned", image=low[i].transpose(0, 1), seed=args.seed + i * frames,
+                    **common).images
+        outs.append(out.transpose(0, 1)[None])
+    record("upscale", "image model per frame, tuned", torch.cat(outs), time.perf_counter() - start)
+
+    for mode, extra in {"direct": {}, **modes}.items():
+        start, outs = time.perf_counter(), []
+        for i, caption in enumerate(captions):
+            outs.append(frames_of(video(caption, 64, 64, mode=mode, seed=args.seed + i, **extra, **common)))
+        record("generate", f"video model, {mode}", torch.cat(outs), time.perf_counter() - start)
+    write(rows, shown, args)
+    return rows
+
+
+def write(rows: list[dict], shown: dict[str, torch.Tensor], args: argparse.Namespace) -> None:
+    stem = RESULTS / f"video_{Path(args.model).name}"
+    lines = [
+        f"# Video self-cascade at 4x pixels ({args.model}, 32 -> 64 px)", "",
+        f"Device: {device_name(args.threads)}; torch {torch.__version__}. {args.num_clips} held-out emoji motion clips "
+        f"(eval split), {args.steps} DDIM steps, the models' default guidance and K, seeds from {args.seed}. "
+        f"Command: `python benchmarks/eval_video.py --num-clips {args.num_clips} --steps {args.steps}`. "
+        "Warping error and L1 in [0, 1] pixel units (lower is better); feature consistency: cosine similarity "
+        "of consecutive frames' emoji-CNN features (higher is steadier). See the script's docstring for the protocols.", "",
+        "| protocol | method | clips | warping error | frame difference | feature consistency | L1 to real | s / clip |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {r['protocol']} | {r['method']} | {r['clips']} | {r['warping_error']} | {r['frame_difference']} | "
+              f"{r['feature_consistency']} | {r['l1_to_real']} | {r['s_per_clip']} |" for r in rows]
+    lines += ["", f"Clips (rows: methods as above; columns: the first {args.show} clips): ![clips]({stem.name}.gif)"]
+    write_results(stem, rows, lines)
+    # One GIF: a grid with a row per method and a column per clip, frame by frame.
+    grid = torch.stack([torch.cat(list(clips), dim=-1) for clips in shown.values()])  # [M, 3, F, 64, show*64]
+    grid = torch.cat(list(grid), dim=-2)  # [3, F, M*64, show*64]
+    save_video([Image.fromarray((f.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+                for f in grid.transpose(0, 1)], stem.with_suffix(".gif"), fps=4)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="embedded-video", help="video model (pixel space, clips of 32 px)")
+    parser.add_argument("--image-model", default="embedded", help="image model for the per-frame baseline")
+    parser.add_argument("--bank", default=None, help="upsampler bank for the tuned rows (default: the model's shipped ones)")
+    parser.add_argument("--num-clips", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--show", type=int, default=4, help="clips per row of the GIF")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

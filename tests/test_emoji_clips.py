@@ -137,3 +137,21 @@ def test_cli_and_clear_errors(cache, capsys):
     assert "run `selfcascade data build --sizes 128` first" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown motions"):
         build_clips(cache, motions=["wobble"])
+
+
+def test_video_training_reads_the_clips_with_cached_caption_embeddings(cache):
+    import argparse
+
+    from selfcascade import train_base
+
+    parser = argparse.ArgumentParser()
+    train_base.add_arguments(parser)
+    args = parser.parse_args(["--cache-dir", str(cache), "--frames", "4"])
+    with pytest.raises(FileNotFoundError, match="selfcascade data clips"):
+        train_base._default_dataset(args)
+    build_clips(cache, sizes=[32], frames=FRAMES, count=3)
+    data = train_base._default_dataset(args)
+    clips, hidden, mask = data.batch(torch.tensor([0, 2]))
+    assert len(data) == 3 and clips.shape == (2, 3, 4, 32, 32) and -1 <= clips.min() < clips.max() <= 1
+    assert hidden.shape == (2, 32, 384) and mask.shape == (2, 32) and mask[:, 0].all()
+    assert any(cache.glob("captions_clips_*.safetensors"))  # embeddings cached for the next run

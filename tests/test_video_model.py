@@ -96,3 +96,13 @@ def test_video_training_exports_a_model_the_pipeline_samples_clips_with(tmp_path
     out = cascade("a red apple, moving left", 16, 16, num_inference_steps=2, seed=0, output_type="pt")
     assert out.frames.shape == (1, 2, 3, 16, 16)  # [B, F, C, H, W]: frames from the card, stage plan 8 -> 16 px
     assert torch.isfinite(out.frames).all()
+
+
+def test_generate_video_defaults_to_the_shipped_video_model(tmp_path: Path, capsys) -> None:
+    from selfcascade.cli import main
+
+    assert main(["generate-video", "red apple, fruit, noto style, moving right", "--size", "64", "--dry-run",
+                 "--device", "cpu", "-o", str(tmp_path / "apple.gif")]) == 0
+    settings = json.loads(capsys.readouterr().out.split("\nscale plan")[0])
+    assert settings["model"] == "embedded-video" and settings["frames"] == 8  # the model's own frame count
+    assert not (tmp_path / "apple.gif").exists()

@@ -55,7 +55,7 @@ def sample_grid(model_dir: Path, captions: Sequence[str] = HELD_OUT_CAPTIONS, se
     return (make_video_grid if video else make_grid)(rows, labels, [f"seed {s}" for s in seeds], cell=cell)
 
 
-def card_text(info: dict, captions: Sequence[str]) -> str:
+def card_text(info: dict, captions: Sequence[str], steps: int = 50) -> str:
     hours = info.get("train_seconds", 0) / 3600
     video = info.get("num_frames") is not None
     samples = SAMPLES_GIF if video else SAMPLES_PNG
@@ -100,7 +100,7 @@ def card_text(info: dict, captions: Sequence[str]) -> str:
         f"![samples]({samples})",
         "",
         f"`{samples}`: held-out captions (their concepts are in the eval split, never trained on)"
-        f"{', with motion words' if video else ''}, base size, 50 DDIM steps, default guidance, seeds 0-3. "
+        f"{', with motion words' if video else ''}, base size, {steps} DDIM steps, default guidance, seeds 0-3. "
         "Regenerate with `python -m selfcascade.model_card DIR`.",
         "",
         "Captions:",
@@ -125,7 +125,7 @@ def write_model_card(model_dir: str | os.PathLike, captions: Sequence[str] = HEL
         save_video(sample_grid(model_dir, captions, steps=steps), model_dir / SAMPLES_GIF, fps=4)
     readme = model_dir / "README.md"
     with atomic_path(readme) as tmp:
-        tmp.write_text(card_text(info, captions))
+        tmp.write_text(card_text(info, captions, steps))
     return readme
 
 

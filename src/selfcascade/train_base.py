@@ -298,7 +298,7 @@ def train(args: argparse.Namespace, dataset=None) -> dict:
         init_dir = Path(args.init_from) if args.init_from else SHIPPED_DIR
         unet = _load_init(init_dir / "unet", video)
         card = json.loads((init_dir / MODEL_CARD_JSON).read_text()) if (init_dir / MODEL_CARD_JSON).exists() else {}
-        state = {"step": 0, "train_seconds": 0.0, "init_from": str(init_dir),
+        state = {"step": 0, "train_seconds": 0.0, "init_from": str(args.init_from or "embedded"),
                  "init_steps": card.get("train_steps", 0), "init_seconds": card.get("train_seconds", 0.0)}
         logger.info("warm-starting from %s (%s steps), fresh optimizer", init_dir, state["init_steps"])
     else:

@@ -10,14 +10,18 @@ exist (``--bank``, ``--full``, ``--lora4``, ``--lora32``: a ``selfcascade train-
 Columns: trainable parameters and training steps, seconds per image and peak memory measured side by
 side in this run (batch 1, methods alternated, after a warm-up; ratios to direct inference at the same
 size), and the metrics of ``selfcascade evaluate`` on the eval split (generated images cached under
-``--out``, so an interrupted run resumes). ``--curves`` adds the paper's Fig. 5: FID_r at the tuning size
-over training steps for the bank and the fine-tuning runs, from their ``snapshots/``.
-Writes ``benchmarks/results/table_<model>.{md,csv}`` and ``table_<model>_curves.png``.
+``--out``, so an interrupted run resumes). The table is updated one size at a time: rows of the sizes
+this run measures replace that size's rows, rows of other sizes made with the same images, steps and seed
+are kept, so ``--sizes 256`` adds the 64x rows to an existing 4x/16x table (every ratio and timing column
+still compares methods measured side by side at one size). ``--curves`` adds the paper's Fig. 5: FID_r at
+the tuning size over training steps for the bank and the fine-tuning runs, from their ``snapshots/``.
+Writes ``benchmarks/results/table_<model>.{md,csv}`` and ``table_<model>_curves.{md,png}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import statistics
 import time
 from dataclasses import dataclass
@@ -29,10 +33,11 @@ from selfcascade import SelfCascadePipeline
 from selfcascade.baselines.finetune import load_unet_weights
 from selfcascade.data.emoji import default_cache_dir, read_manifest
 from selfcascade.evaluate import GenerationSpec, _real, choose_records, generate_set, make_reference, score
+from selfcascade.io import atomic_path
 from selfcascade.metrics import load_features
 from selfcascade.upsamplers import UpsamplerBank
 
-from bench_inference import PeakMemory, device_name, write_results
+from bench_inference import PeakMemory, device_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TRAINING_FREE = ["direct", "attn-sf", "redilate", "hires-fix", "tuning-free"]
@@ -192,6 +197,9 @@ def main() -> None:
     base_features = extractor(base_samples)
 
     stem = RESULTS / f"table_{Path(args.model).name}{'_quick' if args.quick else ''}"
+    settings = {"num_images": args.num_images, "steps": args.steps, "seed": args.seed}
+    kept = [r for r in read_rows(stem.with_suffix(".csv")) if r["size"] not in args.sizes
+            and all(r.get(k) == v for k, v in settings.items())]
     rows, references = [], {}
     for size in args.sizes:
         active = [m for m in methods if m.only_size in (None, size)]
@@ -205,10 +213,12 @@ def main() -> None:
             seconds, peak = timing[m.label]
             rows.append({"size": size, "pixels": f"{(size / base) ** 2:g}x", "method": m.label,
                          "trainable_params": m.trainable, "train_steps": m.steps, "s_per_image": round(seconds, 3),
-                         "x_direct": round(seconds / timing["direct"][0], 3), "peak_mib": round(peak, 1), **metrics})
+                         "x_direct": round(seconds / timing["direct"][0], 3), "peak_mib": round(peak, 1), **metrics,
+                         **settings})
             print({k: rows[-1][k] for k in ("size", "method", "x_direct", "FID_r", "pFID_r", "FID_b", "SWD_x1e3")},
                   flush=True)
-        write_results(stem, rows, table_lines(rows, args, extractor.name, len(reference_records)))  # after every size
+        table = sorted(kept + rows, key=lambda r: r["size"])
+        write_table(stem, table, table_lines(table, args, extractor.name, len(reference_records)))  # after every size
 
     if args.curves:
         size = args.curve_size
@@ -217,11 +227,42 @@ def main() -> None:
         points = curves(args, extractor, captions, reference, args.out)
         if points:
             plot_curves(points, stem.with_name(stem.name + "_curves.png"), size)
-            lines = table_lines(rows, args, extractor.name, len(reference_records))
-            lines += ["", f"FID_r at {size} px over training steps ({args.num_images} images each): "
-                      f"![curves]({stem.name}_curves.png)", "", "| run | step | FID_r | KID_r |", "|---|---|---|---|"]
+            lines = [f"# FID_r at {size} px over training steps on the `{Path(args.model).name}` model", "",
+                     f"{args.num_images} eval-split captions, {args.steps} DDIM steps, seed {args.seed}, one image per "
+                     f"caption per snapshot. ![curves]({stem.name}_curves.png)", "",
+                     "| run | step | FID_r | KID_r |", "|---|---|---|---|"]
             lines += [f"| {p['run']} | {p['step']} | {_f(p['FID_r'])} | {_f(p['KID_r'], 3)} |" for p in points]
-            write_results(stem, rows, lines)
+            with atomic_path(stem.with_name(stem.name + "_curves.md")) as tmp:
+                tmp.write_text("\n".join(lines) + "\n")
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of an earlier table (numbers parsed back), or none."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _parse(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return None if text == "" else text
+
+
+def write_table(stem: Path, rows: list[dict], markdown: list[str]) -> None:
+    """``stem``.csv (every column) and ``stem``.md, each replaced atomically."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with atomic_path(stem.with_suffix(".csv")) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    with atomic_path(stem.with_suffix(".md")) as tmp:
+        tmp.write_text("\n".join(markdown) + "\n")
+    print(f"wrote {stem}.md and .csv")
 
 
 def table_lines(rows: list[dict], args: argparse.Namespace, features: str, num_real: int) -> list[str]:
@@ -233,7 +274,8 @@ def table_lines(rows: list[dict], args: argparse.Namespace, features: str, num_r
         f"model's default guidance; {num_real} real eval renders per size; features `{features}`. "
         f"Time and peak memory: batch 1, median of {args.repeats} after a warm-up, methods alternated in one process "
         "(CPU peak = rise of the resident set). KID: mean ± std over subsets. Counts: (generated / reference). "
-        "Lower is better everywhere. Fine-tuned UNets appear only at the size they were tuned at.", "",
+        "Lower is better everywhere. Fine-tuned UNets appear only at the size they were tuned at. The rows of one "
+        "size come from one run, so ratios and timings compare methods measured side by side.", "",
         "| pixels | size | method | trainable params | train steps | s / image | x direct | peak MiB | FID_r | KID_r | "
         "pFID_r | pKID_r | FID_b | KID_b | SWD x1e3 |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",

@@ -52,6 +52,17 @@ class Method:
     steps: int = 0
     upsamplers: str | None = None
     only_size: int | None = None  # fine-tuned UNets: the size they were tuned at
+    shipped_banks: bool = False  # tuned with the model's own banks, one per stage
+
+    def cost(self, size: int) -> tuple[int, int]:
+        """Trainable parameters and training steps behind this row at ``size``: with the shipped banks, the sum
+        over the distinct banks its stages use (64 px: bank-64; 128 px: bank-64 and bank-128)."""
+        if not self.shipped_banks:
+            return self.trainable, self.steps
+        stages = list(self.cascade.plan(size, size, self.mode).stages[1:])
+        banks = set(self.cascade.backbone.default_banks(stages))
+        return (sum(UpsamplerBank.from_pretrained(b).num_parameters() for b in banks),
+                sum(UpsamplerBank.load_config(b).get("train_steps", 0) for b in banks))
 
     def spec(self, size: int, steps: int, seed: int) -> GenerationSpec:
         model = self.cascade.backbone.name + ("" if self.label == self.mode else f"+{self.label}")
@@ -63,10 +74,6 @@ class Method:
                             upsamplers=self.upsamplers, output_type="np", progress=False)
 
 
-def args_sizes(args: argparse.Namespace) -> list[tuple[int, int]]:
-    return [(s, s) for s in args.sizes]
-
-
 def load_methods(args: argparse.Namespace) -> list[Method]:
     base = SelfCascadePipeline.from_pretrained(args.model)
     methods = [Method(mode, mode, base) for mode in TRAINING_FREE]
@@ -76,9 +83,7 @@ def load_methods(args: argparse.Namespace) -> list[Method]:
         steps = UpsamplerBank.load_config(bank).get("train_steps", 0)
         methods.append(Method("tuned", "tuned", base, params, steps, upsamplers=str(bank)))
     elif base.backbone.default_banks([base.backbone.base_size]):  # the model's shipped banks
-        shipped = {b: UpsamplerBank.load_config(b) for b in base.backbone.default_banks(args_sizes(args))}
-        params = sum(UpsamplerBank.from_pretrained(b).num_parameters() for b in shipped)
-        methods.append(Method("tuned", "tuned", base, params, sum(c.get("train_steps", 0) for c in shipped.values())))
+        methods.append(Method("tuned", "tuned", base, shipped_banks=True))
     for label in ("full", "lora4", "lora32"):
         run = getattr(args, label)
         if run is None:
@@ -211,8 +216,9 @@ def main() -> None:
                                    args.out / f"{m.label}-{size}", args.batch_size)
             metrics = score(extractor, fake, references[size], base_features, base, args.crops_per_image, args.seed)
             seconds, peak = timing[m.label]
+            trainable, train_steps = m.cost(size)
             rows.append({"size": size, "pixels": f"{(size / base) ** 2:g}x", "method": m.label,
-                         "trainable_params": m.trainable, "train_steps": m.steps, "s_per_image": round(seconds, 3),
+                         "trainable_params": trainable, "train_steps": train_steps, "s_per_image": round(seconds, 3),
                          "x_direct": round(seconds / timing["direct"][0], 3), "peak_mib": round(peak, 1), **metrics,
                          **settings})
             print({k: rows[-1][k] for k in ("size", "method", "x_direct", "FID_r", "pFID_r", "FID_b", "SWD_x1e3")},

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from selfcascade import SelfCascadePipeline
+from selfcascade.io import atomic_path
 from selfcascade.testing import make_tiny_sd
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -108,13 +109,14 @@ def device_name(threads: int) -> str:
 
 
 def write_results(stem: Path, rows: list[dict], markdown: list[str]) -> None:
-    """``stem``.csv from the rows and ``stem``.md from the lines."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    """``stem``.csv (every column of every row) and ``stem``.md from the lines, each replaced atomically."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with atomic_path(stem.with_suffix(".csv")) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    stem.with_suffix(".md").write_text("\n".join(markdown) + "\n")
+    with atomic_path(stem.with_suffix(".md")) as tmp:
+        tmp.write_text("\n".join(markdown) + "\n")
     print(f"wrote {stem}.md and .csv")
 
 

@@ -37,7 +37,7 @@ from selfcascade.io import atomic_path
 from selfcascade.metrics import load_features
 from selfcascade.upsamplers import UpsamplerBank
 
-from bench_inference import PeakMemory, device_name
+from bench_inference import PeakMemory, device_name, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TRAINING_FREE = ["direct", "attn-sf", "redilate", "hires-fix", "tuning-free"]
@@ -224,7 +224,7 @@ def main() -> None:
             print({k: rows[-1][k] for k in ("size", "method", "x_direct", "FID_r", "pFID_r", "FID_b", "SWD_x1e3")},
                   flush=True)
         table = sorted(kept + rows, key=lambda r: r["size"])
-        write_table(stem, table, table_lines(table, args, extractor.name, len(reference_records)))  # after every size
+        write_results(stem, table, table_lines(table, args, extractor.name, len(reference_records)))  # after every size
 
     if args.curves:
         size = args.curve_size
@@ -257,18 +257,6 @@ def _parse(text: str):
         except ValueError:
             pass
     return None if text == "" else text
-
-
-def write_table(stem: Path, rows: list[dict], markdown: list[str]) -> None:
-    """``stem``.csv (every column) and ``stem``.md, each replaced atomically."""
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    with atomic_path(stem.with_suffix(".csv")) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    with atomic_path(stem.with_suffix(".md")) as tmp:
-        tmp.write_text("\n".join(markdown) + "\n")
-    print(f"wrote {stem}.md and .csv")
 
 
 def table_lines(rows: list[dict], args: argparse.Namespace, features: str, num_real: int) -> list[str]:

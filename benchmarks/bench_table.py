@@ -15,7 +15,8 @@ this run measures replace that size's rows, rows of other sizes made with the sa
 are kept, so ``--sizes 256`` adds the 64x rows to an existing 4x/16x table (every ratio and timing column
 still compares methods measured side by side at one size). ``--curves`` adds the paper's Fig. 5: FID_r at
 the tuning size over training steps for the bank and the fine-tuning runs, from their ``snapshots/``.
-Writes ``benchmarks/results/table_<model>.{md,csv}`` and ``table_<model>_curves.{md,png}``.
+Writes ``benchmarks/results/table_<model>.{md,csv}``, a grid of the same captions across methods per size
+(``table_<model>_grid_<size>.png``) and ``table_<model>_curves.{md,png}``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import torch
 from selfcascade import SelfCascadePipeline
 from selfcascade.baselines.finetune import load_unet_weights
 from selfcascade.data.emoji import default_cache_dir, read_manifest
-from selfcascade.evaluate import GenerationSpec, _real, choose_records, generate_set, make_reference, score
+from selfcascade.evaluate import (GenerationSpec, _real, choose_records, generate_set, make_reference, score,
+                                 write_grid)
 from selfcascade.io import atomic_path
 from selfcascade.metrics import load_features
 from selfcascade.upsamplers import UpsamplerBank
@@ -41,6 +43,7 @@ from bench_inference import PeakMemory, device_name, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TRAINING_FREE = ["direct", "attn-sf", "redilate", "hires-fix", "tuning-free"]
+GRID_COLUMNS = 4
 
 
 @dataclass
@@ -194,7 +197,8 @@ def main() -> None:
     base = base_cascade.backbone.base_size[0]
     cache_dir = default_cache_dir()
     records = read_manifest(cache_dir)
-    captions = [r["caption"] for r in choose_records(records, args.num_images, args.seed)]
+    caption_records = choose_records(records, args.num_images, args.seed)
+    captions = [r["caption"] for r in caption_records]
     reference_records = choose_records(records, args.num_real, args.seed + 1)
     extractor = load_features("auto", None, device=base_cascade.backbone.device)
     base_spec = GenerationSpec(base_cascade.backbone.name, "direct", base, args.steps, None, args.seed)
@@ -211,10 +215,12 @@ def main() -> None:
         timing = time_methods(active, size, args.steps, args.repeats)
         references[size] = make_reference(extractor, _real(cache_dir, reference_records, size), base,
                                           args.crops_per_image, args.seed)
+        grid = {"real": _real(cache_dir, caption_records[:GRID_COLUMNS], size)}
         for m in active:
             fake, _ = generate_set(m.cascade, m.spec(size, args.steps, args.seed), captions,
                                    args.out / f"{m.label}-{size}", args.batch_size)
             metrics = score(extractor, fake, references[size], base_features, base, args.crops_per_image, args.seed)
+            grid[m.label] = fake
             seconds, peak = timing[m.label]
             trainable, train_steps = m.cost(size)
             rows.append({"size": size, "pixels": f"{(size / base) ** 2:g}x", "method": m.label,
@@ -223,8 +229,14 @@ def main() -> None:
                          **settings})
             print({k: rows[-1][k] for k in ("size", "method", "x_direct", "FID_r", "pFID_r", "FID_b", "SWD_x1e3")},
                   flush=True)
+        write_grid(stem.with_name(f"{stem.name}_grid_{size}.png"), grid, GRID_COLUMNS, cell=size)
         table = sorted(kept + rows, key=lambda r: r["size"])
-        write_results(stem, table, table_lines(table, args, extractor.name, len(reference_records)))  # after every size
+        lines = table_lines(table, args, extractor.name, len(reference_records))
+        lines += ["", f"Grids: the real render of the caption, then each method, for the first {GRID_COLUMNS} captions "
+                  f"({'; '.join(captions[:GRID_COLUMNS])}), seed {args.seed} onwards:", ""]
+        lines += [f"![{s} px]({stem.name}_grid_{s}.png)" for s in sorted({r['size'] for r in table})
+                  if stem.with_name(f"{stem.name}_grid_{s}.png").is_file()]
+        write_results(stem, table, lines)  # after every size
 
     if args.curves:
         size = args.curve_size

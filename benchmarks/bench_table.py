@@ -63,9 +63,7 @@ class Method:
         if not self.shipped_banks:
             return self.trainable, self.steps
         stages = list(self.cascade.plan(size, size, self.mode).stages[1:])
-        banks = set(self.cascade.backbone.default_banks(stages))
-        return (sum(UpsamplerBank.from_pretrained(b).num_parameters() for b in banks),
-                sum(UpsamplerBank.load_config(b).get("train_steps", 0) for b in banks))
+        return bank_cost(set(self.cascade.backbone.default_banks(stages)))
 
     def spec(self, size: int, steps: int, seed: int) -> GenerationSpec:
         model = self.cascade.backbone.name + ("" if self.label == self.mode else f"+{self.label}")
@@ -77,14 +75,18 @@ class Method:
                             upsamplers=self.upsamplers, output_type="np", progress=False)
 
 
+def bank_cost(banks) -> tuple[int, int]:
+    """Trainable parameters and training steps (from their configs) of these banks together."""
+    return (sum(UpsamplerBank.from_pretrained(b).num_parameters() for b in banks),
+            sum(UpsamplerBank.load_config(b).get("train_steps", 0) for b in banks))
+
+
 def load_methods(args: argparse.Namespace) -> list[Method]:
     base = SelfCascadePipeline.from_pretrained(args.model)
     methods = [Method(mode, mode, base) for mode in TRAINING_FREE]
     if args.bank is not None:
         bank = args.bank / "bank" if (args.bank / "bank").is_dir() else args.bank
-        params = UpsamplerBank.from_pretrained(bank).num_parameters()
-        steps = UpsamplerBank.load_config(bank).get("train_steps", 0)
-        methods.append(Method("tuned", "tuned", base, params, steps, upsamplers=str(bank)))
+        methods.append(Method("tuned", "tuned", base, *bank_cost([bank]), upsamplers=str(bank)))
     elif base.backbone.default_banks([base.backbone.base_size]):  # the model's shipped banks
         methods.append(Method("tuned", "tuned", base, shipped_banks=True))
     for label in ("full", "lora4", "lora32"):

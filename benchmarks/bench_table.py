@@ -6,8 +6,9 @@
 Rows: direct inference, Attn-SF, ScaleCrafter-style re-dilation, hires fix, the tuning-free and tuned
 self-cascade, and the training baselines (full fine-tuning, LoRA rank 4 and 32) wherever their runs
 exist (``--bank``, ``--full``, ``--lora4``, ``--lora32``: a ``selfcascade train-upsamplers`` /
-``selfcascade finetune`` run folder; a fine-tuned UNet is used only at the size it was tuned for).
-Columns: trainable parameters and training steps, seconds per image and peak memory measured side by
+``selfcascade finetune`` run folder; a fine-tuned UNet is used at the size it was tuned at and above, as
+the banks are: a 64x row with fine-tunes at 128 px compares them with banks trained on the same images).
+Columns: trainable parameters, training steps and training image size, seconds per image and peak memory measured side by
 side in this run (batch 1, methods alternated, after a warm-up; ratios to direct inference at the same
 size), and the metrics of ``selfcascade evaluate`` on the eval split (generated images cached under
 ``--out``, so an interrupted run resumes). The table is updated one size at a time: rows of the sizes
@@ -54,7 +55,7 @@ class Method:
     trainable: int = 0
     steps: int = 0
     upsamplers: str | None = None
-    only_size: int | None = None  # fine-tuned UNets: the size they were tuned at
+    tuned_size: int | None = None  # fine-tuned UNets: used at this size and above
     shipped_banks: bool = False  # tuned with the model's own banks, one per stage
 
     def cost(self, size: int) -> tuple[int, int]:
@@ -64,6 +65,19 @@ class Method:
             return self.trainable, self.steps
         stages = list(self.cascade.plan(size, size, self.mode).stages[1:])
         return bank_cost(set(self.cascade.backbone.default_banks(stages)))
+
+    def train_px(self, size: int) -> str:
+        """Sides of the images its training saw (banks: of every stage's bank), '' when training-free."""
+        if self.tuned_size is not None:
+            return str(self.tuned_size)
+        if self.mode != "tuned":
+            return ""
+        if self.shipped_banks:
+            stages = list(self.cascade.plan(size, size, self.mode).stages[1:])
+            banks = set(self.cascade.backbone.default_banks(stages))
+        else:
+            banks = {self.upsamplers}
+        return "+".join(str(s) for s in sorted({UpsamplerBank.load_config(b)["train_size"][0] for b in banks}))
 
     def spec(self, size: int, steps: int, seed: int) -> GenerationSpec:
         model = self.cascade.backbone.name + ("" if self.label == self.mode else f"+{self.label}")
@@ -96,7 +110,7 @@ def load_methods(args: argparse.Namespace) -> list[Method]:
         cascade = SelfCascadePipeline.from_pretrained(args.model)
         info = load_unet_weights(cascade.backbone.unet, run / "model", cascade.backbone.name)
         methods.append(Method(f"{label}-ft" if label == "full" else label, "direct", cascade,
-                              info["trainable_parameters"], info["steps"], only_size=info["size"]))
+                              info["trainable_parameters"], info["steps"], tuned_size=info["size"]))
     if args.methods:
         methods = [m for m in methods if m.label in args.methods]
     return methods
@@ -213,7 +227,7 @@ def main() -> None:
             and all(r.get(k) == v for k, v in settings.items())]
     rows, references = [], {}
     for size in args.sizes:
-        active = [m for m in methods if m.only_size in (None, size)]
+        active = [m for m in methods if m.tuned_size is None or size >= m.tuned_size]
         timing = time_methods(active, size, args.steps, args.repeats)
         references[size] = make_reference(extractor, _real(cache_dir, reference_records, size), base,
                                           args.crops_per_image, args.seed)
@@ -226,7 +240,8 @@ def main() -> None:
             seconds, peak = timing[m.label]
             trainable, train_steps = m.cost(size)
             rows.append({"size": size, "pixels": f"{(size / base) ** 2:g}x", "method": m.label,
-                         "trainable_params": trainable, "train_steps": train_steps, "s_per_image": round(seconds, 3),
+                         "trainable_params": trainable, "train_steps": train_steps, "train_px": m.train_px(size),
+                         "s_per_image": round(seconds, 3),
                          "x_direct": round(seconds / timing["direct"][0], 3), "peak_mib": round(peak, 1), **metrics,
                          **settings})
             print({k: rows[-1][k] for k in ("size", "method", "x_direct", "FID_r", "pFID_r", "FID_b", "SWD_x1e3")},
@@ -282,16 +297,18 @@ def table_lines(rows: list[dict], args: argparse.Namespace, features: str, num_r
         f"model's default guidance; {num_real} real eval renders per size; features `{features}`. "
         f"Time and peak memory: batch 1, median of {args.repeats} after a warm-up, methods alternated in one process "
         "(CPU peak = rise of the resident set). KID: mean ± std over subsets. Counts: (generated / reference). "
-        "Lower is better everywhere. Fine-tuned UNets appear only at the size they were tuned at. The rows of one "
-        "size come from one run, so ratios and timings compare methods measured side by side.", "",
-        "| pixels | size | method | trainable params | train steps | s / image | x direct | peak MiB | FID_r | KID_r | "
-        "pFID_r | pKID_r | FID_b | KID_b | SWD x1e3 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Lower is better everywhere. Train px: side of the images a row's training saw (fine-tuned UNets are used at "
+        "that size and above, like the banks). The rows of one size come from one run, so ratios and timings "
+        "compare methods measured side by side.", "",
+        "| pixels | size | method | trainable params | train steps | train px | s / image | x direct | peak MiB | FID_r | "
+        "KID_r | pFID_r | pKID_r | FID_b | KID_b | SWD x1e3 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         n, nc, nb = f"({r['n_gen']}/{r['n_real']})", f"({r['n_gen_crops']}/{r['n_real_crops']})", f"({r['n_gen']}/{r['n_base']})"
         lines.append(
             f"| {r['pixels']} | {r['size']} | {r['method']} | {r['trainable_params']:,} | {r['train_steps']} | "
+            f"{r.get('train_px') or '-'} | "
             f"{r['s_per_image']} | {r['x_direct']} | {r['peak_mib']} | {_f(r['FID_r'])} {n} | {_f(r['KID_r'], 3)} ± "
             f"{_f(r['KID_r_std'], 2)} | {_f(r['pFID_r'])} {nc} | {_f(r['pKID_r'], 3)} ± {_f(r['pKID_r_std'], 2)} | "
             f"{_f(r['FID_b'])} {nb} | {_f(r['KID_b'], 3)} | {_f(r['SWD_x1e3'])} |")

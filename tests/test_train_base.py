@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from selfcascade import train_base
+from selfcascade.backbones.embedded import zoom_label
 from selfcascade.train_base import build_scheduler, build_unet, count_parameters, training_loss
 
 TINY = {
@@ -156,3 +157,48 @@ def test_zoom_prob_swaps_in_zoomed_windows(tmp_path: Path) -> None:
     train_base.train(_args(tmp_path / "mixed", "--max-steps", "3", "--zoom-prob", "1", "--zoom-factors", "2", "4"),
                      mixed)
     assert mixed.zoom_calls == 3 * 4 and mixed.zooms == {2, 4}
+
+
+def test_scale_conditioning_starts_as_the_same_model_and_learns_the_labels(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    plain = build_unet(TINY).eval()
+    for p in plain.parameters():
+        p.data.normal_(0, 0.05)
+    conditioned = train_base.add_scale_conditioning(plain).eval()
+    assert train_base.is_scale_conditioned(conditioned) and not train_base.is_scale_conditioned(plain)
+    x, t, context = torch.randn(2, 3, 8, 8), torch.tensor([10, 700]), torch.randn(2, 4, 384)
+    with torch.no_grad():
+        expected = plain(x, t, context).sample
+        for zoom in (1.0, 2.0, 4.0):
+            labels = torch.full((2,), zoom_label(zoom))
+            torch.testing.assert_close(conditioned(x, t, context, class_labels=labels).sample, expected)
+
+    data = TinyData()
+    with pytest.raises(ValueError, match="--zoom-prob"):
+        train_base.train(_args(tmp_path / "bad", "--max-steps", "1", "--scale-conditioning"), data)
+    train_base.train(_args(tmp_path / "run", "--max-steps", "2", "--zoom-prob", "0.5", "--zoom-factors", "2", "4",
+                           "--scale-conditioning", "--export", str(tmp_path / "model")), data)
+    weights = load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
+    assert weights["class_embedding.linear_2.weight"].abs().sum() > 0  # the labels reached the loss
+    card = json.loads((tmp_path / "model" / "unet" / "config.json").read_text())
+    assert card["class_embed_type"] == "timestep"
+    with pytest.raises(ValueError, match="new --run-dir"):  # a plain run cannot turn conditioned on resume
+        train_base.train(_args(tmp_path / "plain", "--max-steps", "1"), data)
+        train_base.train(_args(tmp_path / "plain", "--max-steps", "2", "--zoom-prob", "1", "--scale-conditioning"), data)
+
+
+def test_scale_labels_follow_the_stage_size() -> None:
+    from diffusers import DDPMScheduler
+
+    from selfcascade.backbones.base import PromptEmbeds
+    from selfcascade.backbones.embedded import EmbeddedBackbone
+
+    embeds = PromptEmbeds(embeds=torch.zeros(1, 4, 384), negative=torch.zeros(1, 4, 384))
+    plain = EmbeddedBackbone(build_unet(TINY), DDPMScheduler(), text_encoder=None)
+    assert plain.scale_label(16, 16) is None and "class_labels" not in plain.unet_inputs(embeds, 16, 16, True)
+    bb = EmbeddedBackbone(build_unet({**TINY, **train_base.SCALE_CONDITIONING}), DDPMScheduler(), text_encoder=None)
+    assert bb.base_size == (8, 8)
+    assert [bb.scale_label(s, s) for s in (8, 16, 32)] == [0.0, 250.0, 500.0]
+    assert bb.scale_label(8, 32) == 250.0  # 4x the base area: twice the scale
+    labels = bb.unet_inputs(embeds, 16, 16, do_cfg=True)["class_labels"]
+    assert labels.tolist() == [250.0, 250.0]  # one per row of the guidance batch

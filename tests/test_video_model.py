@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from selfcascade import train_base
-from selfcascade.train_base import build_unet, inflate_unet, video_config
+from selfcascade.backbones.embedded import zoom_label
+from selfcascade.train_base import SCALE_CONDITIONING, build_unet, inflate_unet, video_config
 
 TINY = {
     "sample_size": 8,
@@ -47,17 +48,21 @@ def _args(run_dir: Path, *extra: str) -> argparse.Namespace:
                               "--unet-config", json.dumps(TINY), "--cpu", "--threads", "1", *extra])
 
 
-def test_inflated_unet_computes_the_image_unet_frame_by_frame() -> None:
+@pytest.mark.parametrize("scale_conditioned", [False, True])
+def test_inflated_unet_computes_the_image_unet_frame_by_frame(scale_conditioned: bool) -> None:
     torch.manual_seed(0)
-    unet2d = build_unet(TINY).eval()
+    unet2d = build_unet({**TINY, **(SCALE_CONDITIONING if scale_conditioned else {})}).eval()
     for p in unet2d.parameters():  # non-trivial weights everywhere (diffusers zero-inits some outputs)
         p.data.normal_(0, 0.05)
     unet3d = inflate_unet(unet2d).eval()
     assert type(unet3d).__name__ == "UNet3DConditionModel"
     clips, t, context = torch.randn(2, 3, 3, 8, 8), torch.tensor([10, 700]), torch.randn(2, 4, 384)
+    # A scale-conditioned image UNet is inflated at zoom 1 (frames are base-size content).
+    labels = {"class_labels": torch.full((6,), zoom_label(1.0))} if scale_conditioned else {}
     with torch.no_grad():
         video = unet3d(clips, t, context).sample
-        frames = unet2d(clips.transpose(1, 2).flatten(0, 1), t.repeat_interleave(3), context.repeat_interleave(3, 0)).sample
+        frames = unet2d(clips.transpose(1, 2).flatten(0, 1), t.repeat_interleave(3), context.repeat_interleave(3, 0),
+                        **labels).sample
     torch.testing.assert_close(video, frames.unflatten(0, (2, 3)).transpose(1, 2), atol=1e-5, rtol=1e-4)
 
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from selfcascade.backbones.embedded import zoom_label
 from selfcascade.checkpoints import (find_checkpoint, load_optimizer, optimizer_step, read_checkpoint_state, record_loss,
                                      step_generator, write_checkpoint)
 from selfcascade.commands import add_command, run_module
@@ -57,6 +58,9 @@ DEFAULT_UNET: dict = {
     "cross_attention_dim": HIDDEN_SIZE,
     "norm_num_groups": 32,
 }
+#: ``--scale-conditioning``: the zoom of each training window (``zoom_label``) goes in as a class label through
+#: the time projection, like SDXL's size micro-conditioning, so cascade stages can say how large content is.
+SCALE_CONDITIONING: dict = {"class_embed_type": "timestep"}
 
 SCHEDULER: dict = {
     "num_train_timesteps": 1000,
@@ -114,6 +118,12 @@ def inflate_unet(unet2d: torch.nn.Module) -> torch.nn.Module:
     unet3d = build_unet(video_config(config), video=True)
     own = unet3d.state_dict()
     weights = {k: v.reshape(own[k].shape) if k in own else v for k, v in unet2d.state_dict().items()}
+    if is_scale_conditioned(unet2d):  # frames are base-size content: fold the zoom-1 label into the time bias
+        with torch.no_grad():
+            label = torch.full((1,), zoom_label(1.0))
+            weights["time_embedding.linear_2.bias"] = (weights["time_embedding.linear_2.bias"]
+                                                       + unet2d.get_class_embed(label, label)[0])
+        weights = {k: v for k, v in weights.items() if not k.startswith("class_embedding.")}
     result = unet3d.load_state_dict(weights, strict=False)
     not_temporal = [k for k in result.missing_keys if not k.startswith("transformer_in.")
                     and ".temp_convs." not in k and ".temp_attentions." not in k]
@@ -131,6 +141,24 @@ def build_scheduler():
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(**SCHEDULER)
+
+
+def is_scale_conditioned(unet: torch.nn.Module) -> bool:
+    return getattr(unet.config, "class_embed_type", None) == SCALE_CONDITIONING["class_embed_type"]
+
+
+def add_scale_conditioning(unet: torch.nn.Module) -> torch.nn.Module:
+    """The same UNet with a scale-conditioning class embedding whose output starts at zero, so it computes
+    exactly what ``unet`` does until training teaches it the labels."""
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in unet.config.items() if not k.startswith("_")}
+    conditioned = build_unet({**config, **SCALE_CONDITIONING})
+    result = conditioned.load_state_dict(unet.state_dict(), strict=False)
+    if result.unexpected_keys or any(not k.startswith("class_embedding.") for k in result.missing_keys):
+        raise ValueError(f"cannot add scale conditioning to this UNet: {result.unexpected_keys[:3]} "
+                         f"{result.missing_keys[:3]}")
+    torch.nn.init.zeros_(conditioned.class_embedding.linear_2.weight)
+    torch.nn.init.zeros_(conditioned.class_embedding.linear_2.bias)
+    return conditioned
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -244,14 +272,17 @@ def _card_info(state: dict) -> dict:
 
 
 def training_loss(unet, scheduler, images: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor,
-                  generator: torch.Generator) -> torch.Tensor:
+                  generator: torch.Generator, class_labels: torch.Tensor | None = None) -> torch.Tensor:
     """Epsilon-prediction MSE at uniformly drawn timesteps (one per image or clip).
 
-    Clips [B, 3, F, H, W] go to a UNet3DConditionModel, which takes no text mask (it attends to padding)."""
+    Clips [B, 3, F, H, W] go to a UNet3DConditionModel, which takes no text mask (it attends to padding).
+    ``class_labels``: scale-conditioning labels of a scale-conditioned UNet (``zoom_label``)."""
     noise = torch.randn(images.shape, generator=generator).to(images.device)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (images.shape[0],), generator=generator).to(images.device)
     noisy = scheduler.add_noise(images, noise, t)
     masks = {} if images.ndim == 5 else {"encoder_attention_mask": mask}
+    if class_labels is not None:
+        masks["class_labels"] = class_labels
     pred = unet(noisy, t, encoder_hidden_states=hidden, **masks).sample
     return F.mse_loss(pred.float(), noise.float())
 
@@ -279,6 +310,8 @@ def train(args: argparse.Namespace, dataset=None) -> dict:
     video = args.frames is not None
     if video and args.zoom_prob > 0:
         raise ValueError("--zoom-prob applies to image training only; drop it with --frames.")
+    if args.scale_conditioning and (video or args.zoom_prob <= 0):
+        raise ValueError("--scale-conditioning labels zoomed windows: it needs --zoom-prob > 0 and no --frames.")
     if dataset is None:
         dataset = _default_dataset(args)
 
@@ -291,24 +324,29 @@ def train(args: argparse.Namespace, dataset=None) -> dict:
                              "--frames or give another --run-dir.")
         unet = build_unet(state["unet_config"], video=video)
         unet.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+        if args.scale_conditioning and not is_scale_conditioned(unet):
+            raise ValueError(f"{run_dir} holds a run without --scale-conditioning; start it in a new --run-dir "
+                             f"(e.g. --init-from an export of this one).")
         logger.info("resuming from %s at step %d", ckpt, state["step"])
     elif args.init_from or video:
         from selfcascade.backbones.embedded import SHIPPED_DIR
 
         init_dir = Path(args.init_from) if args.init_from else SHIPPED_DIR
-        unet = _load_init(init_dir / "unet", video)
+        unet = _load_init(init_dir / "unet", video, args.scale_conditioning)
         card = json.loads((init_dir / MODEL_CARD_JSON).read_text()) if (init_dir / MODEL_CARD_JSON).exists() else {}
         state = {"step": 0, "train_seconds": 0.0, "init_from": str(args.init_from or "embedded"),
                  "init_steps": card.get("train_steps", 0), "init_seconds": card.get("train_seconds", 0.0)}
         logger.info("warm-starting from %s (%s steps), fresh optimizer", init_dir, state["init_steps"])
     else:
         torch.manual_seed(args.seed)  # reproducible initial weights
-        unet = build_unet(json.loads(args.unet_config) if args.unet_config else None)
+        config = json.loads(args.unet_config) if args.unet_config else {}
+        unet = build_unet({**config, **(SCALE_CONDITIONING if args.scale_conditioning else {})})
         state = {"step": 0, "train_seconds": 0.0}
     state["unet_config"] = {k: (list(v) if isinstance(v, tuple) else v)
                             for k, v in unet.config.items() if not k.startswith("_")}
     state["args"] = {k: getattr(args, k) for k in ("batch_size", "lr", "warmup", "ema_decay", "caption_dropout",
-                                                    "seed", "max_length", "zoom_prob", "zoom_factors")}
+                                                    "seed", "max_length", "zoom_prob", "zoom_factors",
+                                                    "scale_conditioning")}
     state["hardware"] = _hardware(accelerator)
     state["num_frames"] = args.frames
 
@@ -329,6 +367,7 @@ def train(args: argparse.Namespace, dataset=None) -> dict:
     step = state["step"]
     bar = tqdm(total=args.max_steps, initial=step, desc="train-base", unit="step",
                disable=not accelerator.is_main_process, mininterval=5)
+    conditioned = state["unet_config"].get("class_embed_type") == SCALE_CONDITIONING["class_embed_type"]
     unet.train()
     while step < args.max_steps:
         t0 = time.perf_counter()
@@ -338,6 +377,7 @@ def train(args: argparse.Namespace, dataset=None) -> dict:
         drop = torch.rand(args.batch_size, generator=g) < args.caption_dropout
         hidden = torch.where(drop[:, None, None], uncond_hidden.expand_as(hidden), hidden)
         mask = torch.where(drop[:, None], uncond_mask.expand_as(mask), mask)
+        labels = torch.zeros(args.batch_size) if conditioned else None
         if args.zoom_prob > 0:  # no extra draws otherwise, so older runs resume exactly
             zoom = torch.rand(args.batch_size, generator=g) < args.zoom_prob
             which = (torch.randint(0, len(args.zoom_factors), (args.batch_size,), generator=g)
@@ -346,9 +386,12 @@ def train(args: argparse.Namespace, dataset=None) -> dict:
                 chosen = zoom & (which == i)
                 if chosen.any():
                     images[chosen] = dataset.zoomed(idx[chosen], g, factor)
+                    if labels is not None:
+                        labels[chosen] = zoom_label(factor)
         for group in optimizer.param_groups:  # linear warm-up, then constant
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
-        loss = training_loss(unet, scheduler, images.to(device), hidden.to(device), mask.to(device), g)
+        loss = training_loss(unet, scheduler, images.to(device), hidden.to(device), mask.to(device), g,
+                             None if labels is None else labels.to(device))
         optimizer_step(accelerator, loss, optimizer, unet.parameters(), args.grad_clip)
         ema.update(accelerator.unwrap_model(unet), step)
         step += 1
@@ -383,8 +426,9 @@ def _default_dataset(args: argparse.Namespace):
     return ClipDataset(clips.images, clips.captions, cache_dir, args.max_length)
 
 
-def _load_init(unet_dir: Path, video: bool) -> torch.nn.Module:
-    """The UNet of an exported model; for video training a 2D one is inflated (``inflate_unet``)."""
+def _load_init(unet_dir: Path, video: bool, scale_conditioning: bool = False) -> torch.nn.Module:
+    """The UNet of an exported model; for video training a 2D one is inflated (``inflate_unet``); with
+    ``scale_conditioning`` one without it gains it (``add_scale_conditioning``)."""
     import diffusers
 
     unet_class = json.loads((unet_dir / "config.json").read_text())["_class_name"]
@@ -393,7 +437,8 @@ def _load_init(unet_dir: Path, video: bool) -> torch.nn.Module:
     if unet_class != ("UNet3DConditionModel" if video else "UNet2DConditionModel"):
         raise ValueError(f"{unet_dir} holds a {unet_class}; {'--frames needs' if video else 'image training needs'} "
                          "a UNet2DConditionModel (or, with --frames, a UNet3DConditionModel) to start from.")
-    return getattr(diffusers, unet_class).from_pretrained(unet_dir, torch_dtype=torch.float32)
+    unet = getattr(diffusers, unet_class).from_pretrained(unet_dir, torch_dtype=torch.float32)
+    return add_scale_conditioning(unet) if scale_conditioning and not is_scale_conditioned(unet) else unet
 
 
 def _checkpoint(accelerator, run_dir: Path, unet, ema: EMA, optimizer, state: dict, step: int,
@@ -427,6 +472,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zoom-prob", type=float, default=0.0,
                         help="share of a batch shown as random 32 px windows of larger renderings (parts at 2x or "
                              "4x scale, what cascade stages ask the model to denoise)")
+    parser.add_argument("--scale-conditioning", action="store_true",
+                        help="tell the UNet each window's zoom (a class label; new runs and --init-from), so cascade "
+                             "stages can ask for content at their scale")
     parser.add_argument("--zoom-factors", type=int, nargs="+", default=[2],
                         help="zoom factors drawn uniformly for --zoom-prob windows (2: 64 px renderings, 4: 128 px)")
     parser.add_argument("--frames", type=int, default=None,

@@ -145,6 +145,10 @@ class Backbone:
         """Extra UNet conditioning that depends on the stage size (SDXL micro-conditioning)."""
         return None
 
+    def scale_label(self, height: int, width: int) -> float | None:
+        """Class label telling a scale-conditioned UNet how large content is at this stage size; None if unused."""
+        return None
+
     def decode_context(self, height: int, width: int, batch_size: int) -> AbstractContextManager:
         """Memory measures (VAE tiling/slicing) for decoding at this size; none by default."""
         return nullcontext()
@@ -165,6 +169,9 @@ class Backbone:
         added = self.added_cond_kwargs(embeds, height, width, do_cfg)
         if added is not None:
             inputs["added_cond_kwargs"] = added
+        label = self.scale_label(height, width)
+        if label is not None:
+            inputs["class_labels"] = torch.full((hidden.shape[0],), label, device=hidden.device)
         return inputs
 
     def predict_noise(

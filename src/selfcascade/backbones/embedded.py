@@ -10,6 +10,7 @@ layers, see ``selfcascade.train_base``); its card's ``num_frames`` makes the bac
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -23,6 +24,14 @@ SHIPPED_DIR = SHIPPED["embedded"]
 CONFIG_NAME = "selfcascade_model.json"
 #: Feature-upsampler banks tuned on the model (``<model>/banks/<name>/``), tuned mode's default.
 BANKS_DIR = "banks"
+#: Scale conditioning: class label per doubling of the object scale, in timestep units (zoom 1, 2, 4, 8 ->
+#: 0, 250, 500, 750), fed through the UNet's sinusoidal time projection (``class_embed_type="timestep"``).
+ZOOM_LABEL_STEP = 250.0
+
+
+def zoom_label(zoom: float) -> float:
+    """The scale-conditioning label of content shown at ``zoom`` times the scale of a base-size image."""
+    return ZOOM_LABEL_STEP * math.log2(zoom)
 
 
 class EmbeddedBackbone(Backbone):
@@ -82,6 +91,14 @@ class EmbeddedBackbone(Backbone):
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.unet, self.text_encoder.model]
+
+    def scale_label(self, height: int, width: int) -> float | None:
+        """Scale-conditioned models (``train-base --scale-conditioning``) learn that a window of a stage
+        ``zoom`` times the base area shows emoji parts at ``sqrt(zoom)`` times their usual size."""
+        if getattr(self.unet.config, "class_embed_type", None) != "timestep":
+            return None
+        base_h, base_w = self.base_size
+        return zoom_label(math.sqrt(height * width / (base_h * base_w)))
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "EmbeddedBackbone":
         # diffusers warns on any .to(dtype=...), even a no-op one; only cast when it changes something.

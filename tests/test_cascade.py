@@ -284,3 +284,17 @@ def test_default_k_keeps_the_papers_signal_level_on_other_schedules() -> None:
     assert k == 494
     assert abs(linear.alphas_cumprod[k].sqrt() - sd.alphas_cumprod[700].sqrt()) < 0.005
     assert resolve_k(1000, default=k) == 494 and resolve_k(1000, k=300, default=k) == 300
+
+
+def test_a_model_card_k_overrides_the_signal_level_default() -> None:
+    from diffusers import DDPMScheduler
+
+    from selfcascade.backbones.embedded import EmbeddedBackbone
+    from selfcascade.train_base import build_unet
+
+    scheduler = DDPMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    unet = build_unet({"sample_size": 8, "block_out_channels": [16, 32], "norm_num_groups": 8,
+                       "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+                       "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "attention_head_dim": 8})
+    assert EmbeddedBackbone(unet, scheduler, text_encoder=None).default_k == 494
+    assert EmbeddedBackbone(unet, scheduler, text_encoder=None, sampling_k=300).default_k == 300

@@ -18,20 +18,21 @@ def make_grid(cells: list[list[Image.Image]], row_labels: list[str], col_labels:
     if len(cells) != len(row_labels) or any(len(r) != len(col_labels) for r in cells):
         raise ValueError("cells must be len(row_labels) rows of len(col_labels) images")
     cell = cell or max(max(im.size) for row in cells for im in row)
-    width = _ROW_LABEL_W + len(col_labels) * (cell + _PAD) + _PAD
+    font = ImageFont.load_default()
+    label_w = max([_ROW_LABEL_W] + [int(font.getlength(label)) + 6 for label in row_labels])
+    width = label_w + len(col_labels) * (cell + _PAD) + _PAD
     height = _LABEL_H + len(row_labels) * (cell + _PAD) + _PAD
     grid = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(grid)
-    font = ImageFont.load_default()
     for j, label in enumerate(col_labels):
-        draw.text((_ROW_LABEL_W + j * (cell + _PAD) + _PAD, 1), label, fill="black", font=font)
+        draw.text((label_w + j * (cell + _PAD) + _PAD, 1), label, fill="black", font=font)
     for i, (label, row) in enumerate(zip(row_labels, cells)):
         top = _LABEL_H + i * (cell + _PAD) + _PAD
         draw.text((2, top + cell // 2 - 6), label, fill="black", font=font)
         for j, image in enumerate(row):
             scale = cell / max(image.size)
             shown = image.resize((round(image.width * scale), round(image.height * scale)), Image.NEAREST)
-            grid.paste(shown, (_ROW_LABEL_W + j * (cell + _PAD) + _PAD, top))
+            grid.paste(shown, (label_w + j * (cell + _PAD) + _PAD, top))
     return grid
 
 

@@ -81,6 +81,11 @@ def card_text(info: dict, captions: Sequence[str], steps: int = 50) -> str:
                         f"{info['base_size']}x{info['base_size']} base size")
         training = (f"{info['train_steps']:,} steps, batch {info['batch_size']}, AdamW lr {info['learning_rate']}, "
                     f"EMA {info['ema_max_decay']}, caption dropout {info['caption_dropout']} (for guidance)")
+        if info.get("zoom_prob"):
+            factors = "/".join(f"{f}x" for f in info.get("zoom_factors", [2]))
+            training += (f"; scale augmentation: {info['zoom_prob']:.0%} of each batch are base-size windows of "
+                         f"{factors} renderings" + (", labelled with their zoom (scale conditioning: cascade stages "
+                                                    "pass theirs)" if info.get("scale_conditioning") else ""))
         wall = f"{hours:.1f} h of training on {info.get('hardware', 'unrecorded hardware')}"
     lines = [
         *intro,
@@ -94,7 +99,8 @@ def card_text(info: dict, captions: Sequence[str], steps: int = 50) -> str:
         f"| wall time | {wall} |",
         "| objective | epsilon prediction, DDPM linear betas 1e-4..0.02, 1000 steps |",
         f"| sampling defaults | guidance 7.5 at the base size, {info.get('refine_guidance_scale', 7.5):g} at later cascade "
-        "stages (guidance there turns patches of the pivot into whole objects: repetition) |",
+        "stages (guidance there turns patches of the pivot into whole objects: repetition)"
+        + (f"; K {info['K']} (eval-split sweep)" if "K" in info else "") + " |",
         "| licence | code Apache-2.0; weights inherit the artwork licences (CC BY-SA 4.0, CC BY 4.0, Apache-2.0, MIT) |",
         "",
         f"![samples]({samples})",

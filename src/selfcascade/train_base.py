@@ -255,6 +255,7 @@ def _card_info(state: dict) -> dict:
         "caption_dropout": state["args"]["caption_dropout"],
         "zoom_prob": state["args"].get("zoom_prob", 0.0),
         "zoom_factors": state["args"].get("zoom_factors", [2]),
+        "scale_conditioning": state["args"].get("scale_conditioning", False),
         "data": "selfcascade emoji data set, train split (OpenMoji, Twemoji, Noto, Fluent)",
         "caption_format": "<CLDR label>, <up to 2 tags>, <style>",
         "styles": list(STYLES.values()),

@@ -41,8 +41,9 @@ class EmbeddedBackbone(Backbone):
 
     def __init__(self, unet: torch.nn.Module, scheduler, text_encoder, name: str = "embedded",
                  default_guidance_scale: float | None = None, refine_guidance_scale: float | None = None,
-                 num_frames: int | None = None) -> None:
+                 num_frames: int | None = None, sampling_k: int | None = None) -> None:
         super().__init__(unet, scheduler)
+        self.sampling_k = sampling_k
         self.default_num_frames = num_frames
         self.text_encoder = text_encoder
         self.latent_channels = unet.config.in_channels
@@ -77,7 +78,8 @@ class EmbeddedBackbone(Backbone):
         encoder = TextEncoder(max_length=int(config.get("max_length", 32)))
         name = shipped if path is None else str(folder)
         return cls(unet, scheduler, encoder, name=name, default_guidance_scale=config.get("guidance_scale"),
-                   refine_guidance_scale=config.get("refine_guidance_scale"), num_frames=config.get("num_frames"))
+                   refine_guidance_scale=config.get("refine_guidance_scale"), num_frames=config.get("num_frames"),
+                   sampling_k=config.get("K"))
 
     def default_banks(self, stage_sizes: list[tuple[int, int]]) -> list[str] | None:
         """The banks under ``<model>/banks/``: per stage, the one tuned for the nearest side (e.g. 64, 128)."""
@@ -91,6 +93,11 @@ class EmbeddedBackbone(Backbone):
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.unet, self.text_encoder.model]
+
+    @property
+    def default_k(self) -> int | None:
+        """The model card's ``K`` (chosen by measurement for this model), else the paper's K by signal level."""
+        return self.sampling_k if self.sampling_k is not None else super().default_k
 
     def scale_label(self, height: int, width: int) -> float | None:
         """Scale-conditioned models (``train-base --scale-conditioning``) learn that a window of a stage

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from selfcascade.backbones.embedded import zoom_label
+from selfcascade.backbones.embedded import SCALE_CONDITIONING, is_scale_conditioned, zoom_label
 from selfcascade.checkpoints import (find_checkpoint, load_optimizer, optimizer_step, read_checkpoint_state, record_loss,
                                      step_generator, write_checkpoint)
 from selfcascade.commands import add_command, run_module
@@ -58,9 +58,6 @@ DEFAULT_UNET: dict = {
     "cross_attention_dim": HIDDEN_SIZE,
     "norm_num_groups": 32,
 }
-#: ``--scale-conditioning``: the zoom of each training window (``zoom_label``) goes in as a class label through
-#: the time projection, like SDXL's size micro-conditioning, so cascade stages can say how large content is.
-SCALE_CONDITIONING: dict = {"class_embed_type": "timestep"}
 
 SCHEDULER: dict = {
     "num_train_timesteps": 1000,
@@ -141,10 +138,6 @@ def build_scheduler():
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(**SCHEDULER)
-
-
-def is_scale_conditioned(unet: torch.nn.Module) -> bool:
-    return getattr(unet.config, "class_embed_type", None) == SCALE_CONDITIONING["class_embed_type"]
 
 
 def add_scale_conditioning(unet: torch.nn.Module) -> torch.nn.Module:
@@ -368,7 +361,7 @@ def train(args: argparse.Namespace, dataset=None) -> dict:
     step = state["step"]
     bar = tqdm(total=args.max_steps, initial=step, desc="train-base", unit="step",
                disable=not accelerator.is_main_process, mininterval=5)
-    conditioned = state["unet_config"].get("class_embed_type") == SCALE_CONDITIONING["class_embed_type"]
+    conditioned = is_scale_conditioned(accelerator.unwrap_model(unet))
     unet.train()
     while step < args.max_steps:
         t0 = time.perf_counter()

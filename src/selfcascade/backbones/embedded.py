@@ -29,9 +29,18 @@ BANKS_DIR = "banks"
 ZOOM_LABEL_STEP = 250.0
 
 
+#: The UNet config that makes a model scale-conditioned (``train-base --scale-conditioning``), like SDXL's size
+#: micro-conditioning: the zoom label goes through the time projection into a class embedding.
+SCALE_CONDITIONING: dict = {"class_embed_type": "timestep"}
+
+
 def zoom_label(zoom: float) -> float:
     """The scale-conditioning label of content shown at ``zoom`` times the scale of a base-size image."""
     return ZOOM_LABEL_STEP * math.log2(zoom)
+
+
+def is_scale_conditioned(unet: torch.nn.Module) -> bool:
+    return getattr(unet.config, "class_embed_type", None) == SCALE_CONDITIONING["class_embed_type"]
 
 
 class EmbeddedBackbone(Backbone):
@@ -102,7 +111,7 @@ class EmbeddedBackbone(Backbone):
     def scale_label(self, height: int, width: int) -> float | None:
         """Scale-conditioned models (``train-base --scale-conditioning``) learn that a window of a stage
         ``zoom`` times the base area shows emoji parts at ``sqrt(zoom)`` times their usual size."""
-        if getattr(self.unet.config, "class_embed_type", None) != "timestep":
+        if not is_scale_conditioned(self.unet):
             return None
         base_h, base_w = self.base_size
         return zoom_label(math.sqrt(height * width / (base_h * base_w)))

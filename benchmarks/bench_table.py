@@ -63,8 +63,14 @@ class Method:
         over the distinct banks its stages use (64 px: bank-64; 128 px: bank-64 and bank-128)."""
         if not self.shipped_banks:
             return self.trainable, self.steps
+        return bank_cost(self.banks(size))
+
+    def banks(self, size: int) -> set[str]:
+        """The banks a tuned row uses at ``size``: the shipped ones of its stages, or the one it was given."""
+        if not self.shipped_banks:
+            return {self.upsamplers}
         stages = list(self.cascade.plan(size, size, self.mode).stages[1:])
-        return bank_cost(set(self.cascade.backbone.default_banks(stages)))
+        return set(self.cascade.backbone.default_banks(stages))
 
     def train_px(self, size: int) -> str:
         """Sides of the images its training saw (banks: of every stage's bank), '' when training-free."""
@@ -72,12 +78,8 @@ class Method:
             return str(self.tuned_size)
         if self.mode != "tuned":
             return ""
-        if self.shipped_banks:
-            stages = list(self.cascade.plan(size, size, self.mode).stages[1:])
-            banks = set(self.cascade.backbone.default_banks(stages))
-        else:
-            banks = {self.upsamplers}
-        return "+".join(str(s) for s in sorted({UpsamplerBank.load_config(b)["train_size"][0] for b in banks}))
+        sides = {UpsamplerBank.load_config(b)["train_size"][0] for b in self.banks(size)}
+        return "+".join(str(s) for s in sorted(sides))
 
     def spec(self, size: int, steps: int, seed: int) -> GenerationSpec:
         model = self.cascade.backbone.name + ("" if self.label == self.mode else f"+{self.label}")

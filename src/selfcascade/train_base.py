@@ -79,6 +79,11 @@ def build_unet(config: dict | None = None, video: bool = False):
     return UNet2DConditionModel(**{**DEFAULT_UNET, **(config or {})})
 
 
+def unet_config(unet: torch.nn.Module) -> dict:
+    """A UNet's config as plain JSON-ready arguments for ``build_unet`` (tuples as lists, no private keys)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in unet.config.items() if not k.startswith("_")}
+
+
 def video_config(config: dict) -> dict:
     """The UNet3DConditionModel config that holds the weights of a UNet2DConditionModel ``config`` unchanged.
 
@@ -111,7 +116,7 @@ def inflate_unet(unet2d: torch.nn.Module) -> torch.nn.Module:
     """
     from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
 
-    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in unet2d.config.items() if not k.startswith("_")}
+    config = unet_config(unet2d)
     unet3d = build_unet(video_config(config), video=True)
     own = unet3d.state_dict()
     weights = {k: v.reshape(own[k].shape) if k in own else v for k, v in unet2d.state_dict().items()}
@@ -143,7 +148,7 @@ def build_scheduler():
 def add_scale_conditioning(unet: torch.nn.Module) -> torch.nn.Module:
     """The same UNet with a scale-conditioning class embedding whose output starts at zero, so it computes
     exactly what ``unet`` does until training teaches it the labels."""
-    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in unet.config.items() if not k.startswith("_")}
+    config = unet_config(unet)
     conditioned = build_unet({**config, **SCALE_CONDITIONING})
     result = conditioned.load_state_dict(unet.state_dict(), strict=False)
     if result.unexpected_keys or any(not k.startswith("class_embedding.") for k in result.missing_keys):
@@ -336,8 +341,7 @@ def train(args: argparse.Namespace, dataset=None) -> dict:
         config = json.loads(args.unet_config) if args.unet_config else {}
         unet = build_unet({**config, **(SCALE_CONDITIONING if args.scale_conditioning else {})})
         state = {"step": 0, "train_seconds": 0.0}
-    state["unet_config"] = {k: (list(v) if isinstance(v, tuple) else v)
-                            for k, v in unet.config.items() if not k.startswith("_")}
+    state["unet_config"] = unet_config(unet)
     state["args"] = {k: getattr(args, k) for k in ("batch_size", "lr", "warmup", "ema_decay", "caption_dropout",
                                                     "seed", "max_length", "zoom_prob", "zoom_factors",
                                                     "scale_conditioning")}

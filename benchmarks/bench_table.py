@@ -187,7 +187,8 @@ def _f(value, digits: int = 4) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="square target sides")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[64, 128],
+                        help="square target sides (none, with --curves: only the curves)")
     parser.add_argument("--num-images", type=int, default=64, help="eval captions per (method, size)")
     parser.add_argument("--num-real", type=int, default=512, help="real eval renders per size")
     parser.add_argument("--steps", type=int, default=50)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 
 import numpy as np
@@ -147,3 +148,13 @@ def test_generate_help_explains_every_option(capsys):
         for option in action.option_strings:
             assert option in text, option
         assert action.help, action.dest
+
+
+def test_transformers_notice_about_torchvision_is_dropped_and_nothing_else():
+    logger = logging.getLogger("transformers.utils.import_utils")
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord(logger.name, logging.WARNING, __file__, 0, message, None, None)
+
+    assert not logger.filter(record("`CLIPImageProcessor` requires torchvision (not installed); falling back"))
+    assert logger.filter(record("Could not import module 'X'"))

@@ -12,12 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
+from selfcascade import SelfCascadePipeline
 from selfcascade.cli import main
-from selfcascade.evaluate import COLUMNS, choose_records
+from selfcascade.evaluate import COLUMNS, GenerationSpec, choose_records, generate_set
 from selfcascade.metrics import EmojiFeatures, FeatureExtractorUnavailable, load_features
 from selfcascade.metrics import features as features_module
 from selfcascade.metrics.emoji_features import DEFAULT_DIR, EmojiFeatureNet, load_feature_net, save_feature_net
 from selfcascade.metrics.train_features import augment, split_holdout
+from selfcascade.testing import make_tiny_sd
 
 SIZES = (32, 64)
 
@@ -165,6 +167,17 @@ def test_evaluate_end_to_end_and_resume(tiny_sd_dir: Path, fake_cache: Path, ext
     steps = argv.index("--steps")
     assert main([*argv[:steps], "--steps", "3", *argv[steps + 2:]]) == 2  # other settings, same cache: refused
     assert "delete it or write to another --out" in capsys.readouterr().err
+
+
+def test_cached_images_of_other_weights_are_refused(tmp_path: Path) -> None:
+    spec = GenerationSpec(model="tiny", mode="direct", size=32, steps=1, guidance=1.0, seed=0)
+    first = SelfCascadePipeline.from_pipe(make_tiny_sd(seed=0))
+    images, _ = generate_set(first, spec, ["red apple"], tmp_path / "direct-32", batch_size=1, progress=False)
+    again, _ = generate_set(first, spec, ["red apple"], tmp_path / "direct-32", batch_size=1, progress=False)
+    assert torch.equal(images, again)
+    retrained = SelfCascadePipeline.from_pipe(make_tiny_sd(seed=1))  # same name and settings, other weights
+    with pytest.raises(ValueError, match="other weights"):
+        generate_set(retrained, spec, ["red apple"], tmp_path / "direct-32", batch_size=1, progress=False)
 
 
 def test_generated_dir_identical_to_real_scores_zero(fake_cache: Path, extractor_dir: Path, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline
 from PIL import Image
 
-from selfcascade import CascadeOutput, SelfCascadePipeline
+from selfcascade import CascadeOutput, SelfCascadePipeline, UpsamplerBank
 
 PROMPT = "a red apple"
 FAST = dict(num_inference_steps=2, progress=False)
@@ -377,3 +377,18 @@ def test_image_is_upscaled_in_place_of_stage0(sd):
         sd(PROMPT, 64, 64, seed=0, image=torch.rand(1, 3, 48, 48), **FAST)
     with pytest.raises(ValueError, match="mode='direct' has none"):
         sd(PROMPT, 64, 64, seed=0, mode="direct", image=image, **FAST)
+
+
+def test_weights_fingerprint_follows_the_unet_and_the_banks(tiny_sd_fresh):
+    cascade = SelfCascadePipeline.from_pipe(tiny_sd_fresh)
+    bank = UpsamplerBank.for_unet(cascade.backbone.unet)
+    before = cascade.weights_fingerprint(64, 64)
+    assert before == cascade.weights_fingerprint(128, 128, "direct")  # weights, not settings
+    tuned = cascade.weights_fingerprint(64, 64, "tuned", bank)
+    assert tuned != before
+    with torch.no_grad():
+        next(bank.parameters()).add_(0.1)
+    assert cascade.weights_fingerprint(64, 64, "tuned", bank) != tuned
+    with torch.no_grad():
+        cascade.backbone.unet.conv_out.weight.add_(1e-3)  # one small training-like step on a layer
+    assert cascade.weights_fingerprint(64, 64) != before

@@ -1,5 +1,16 @@
 """selfcascade: higher-resolution generation from pretrained diffusion models (arXiv 2402.10491)."""
 
+import logging
+
+
+def _drop_torchvision_fallback_notice(record: logging.LogRecord) -> bool:
+    """diffusers' pipeline modules import transformers' image processors, which selfcascade never runs; without
+    torchvision transformers announces a fallback for each, telling users to install a package they do not need."""
+    return "requires torchvision (not installed)" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_drop_torchvision_fallback_notice)
+
 from .plan import ScalePlan, make_plan
 from .pipeline import CascadeOutput, SelfCascadePipeline
 from .upsamplers import TimeAwareFeatureUpsampler, UpsamplerBank

@@ -115,12 +115,16 @@ def generate_set(cascade, spec: GenerationSpec, captions: list[str], folder: Pat
     and the mean generation time per image over every image this folder ever generated."""
     meta_path = folder / META_JSON
     settings = asdict(spec)
+    weights = cascade.weights_fingerprint(spec.size, spec.size, spec.mode, spec.upsamplers)
     meta = (json.loads(meta_path.read_text()) if meta_path.exists() else
-            {"settings": settings, "captions": [], "generated": 0, "seconds": 0.0})
+            {"settings": settings, "weights": weights, "captions": [], "generated": 0, "seconds": 0.0})
     common = min(len(captions), len(meta["captions"]))
     if meta["settings"] != settings or meta["captions"][:common] != captions[:common]:
         raise ValueError(f"{folder} holds images made with other settings or captions ({meta['settings']}, not "
                          f"{settings}); delete it or write to another --out")
+    if meta.get("weights") != weights:
+        raise ValueError(f"{folder} holds images made with other weights (fingerprint {meta.get('weights')}, not "
+                         f"{weights}: the model or its banks changed since); delete it or write to another --out")
     meta["captions"] = captions if len(captions) > common else meta["captions"]
     paths = [folder / f"{i:05d}.png" for i in range(len(captions))]
     missing = [i for i, p in enumerate(paths) if not p.exists()]

@@ -14,6 +14,7 @@ of the same run through ``sample_cascade``; tuned mode adds a bank of feature up
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -172,6 +173,22 @@ class SelfCascadePipeline:
             self.backbone.base_size, height, width, multiple=self.backbone.size_multiple,
             max_ratio=self.max_ratio, single_stage=mode in SINGLE_STAGE_MODES, single_jump=mode == "hires-fix",
         )
+
+    def weights_fingerprint(self, height: int, width: int, mode: Mode = "tuning-free",
+                            upsamplers: Upsamplers | None = None) -> str:
+        """A short digest of the weights a call with these settings runs (the UNet, and tuned mode's banks), so
+        caches of generated images never serve images of other weights. Every tensor is sampled sparsely: cheap
+        for billion-parameter UNets, yet any training step (which moves nearly every weight) changes it."""
+        modules = [self.backbone.unet]
+        if mode == "tuned":
+            modules += [b for b in self._stage_banks(upsamplers, self.plan(height, width, mode)) if b is not None]
+        digest = hashlib.sha1()
+        for module in modules:
+            for name, tensor in module.state_dict().items():
+                flat = tensor.detach().flatten()
+                digest.update(name.encode())
+                digest.update(flat[::max(1, flat.numel() // 256)].float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def check_inputs(
         self, prompt: Any, negative_prompt: Any, mode: str, num_inference_steps: int, num_images_per_prompt: int,

@@ -34,8 +34,8 @@ import torch
 from selfcascade import SelfCascadePipeline
 from selfcascade.baselines.finetune import load_unet_weights
 from selfcascade.data.emoji import default_cache_dir, read_manifest
-from selfcascade.evaluate import (GenerationSpec, _real, choose_records, generate_set, make_reference, score,
-                                 write_grid)
+from selfcascade.evaluate import (GenerationSpec, _real, choose_records, generate_set, make_reference, percent, score,
+                                 style_adherence, write_grid)
 from selfcascade.io import atomic_path
 from selfcascade.metrics import load_features
 from selfcascade.upsamplers import UpsamplerBank
@@ -223,6 +223,7 @@ def main() -> None:
     base_spec = GenerationSpec(base_cascade.backbone.name, "direct", base, args.steps, None, args.seed)
     base_samples, _ = generate_set(base_cascade, base_spec, captions, args.out / f"direct-{base}", args.batch_size)
     base_features = extractor(base_samples)
+    style_base = style_adherence(extractor, base_samples, captions)
 
     stem = RESULTS / f"table_{Path(args.model).name}{'_quick' if args.quick else ''}"
     settings = {"num_images": args.num_images, "steps": args.steps, "seed": args.seed}
@@ -232,13 +233,15 @@ def main() -> None:
     for size in args.sizes:
         active = [m for m in methods if m.tuned_size is None or size >= m.tuned_size]
         timing = time_methods(active, size, args.steps, args.repeats)
-        references[size] = make_reference(extractor, _real(cache_dir, reference_records, size), base,
-                                          args.crops_per_image, args.seed)
+        real = _real(cache_dir, reference_records, size)
+        references[size] = make_reference(extractor, real, base, args.crops_per_image, args.seed)
+        style_real = style_adherence(extractor, real, [r["caption"] for r in reference_records])
         grid = {"real": _real(cache_dir, caption_records[:GRID_COLUMNS], size)}
         for m in active:
             fake, _ = generate_set(m.cascade, m.spec(size, args.steps, args.seed), captions,
                                    args.out / f"{m.label}-{size}", args.batch_size)
-            metrics = score(extractor, fake, references[size], base_features, base, args.crops_per_image, args.seed)
+            metrics = score(extractor, fake, references[size], base_features, base, args.crops_per_image, args.seed,
+                            captions)
             grid[m.label] = fake
             seconds, peak = timing[m.label]
             trainable, train_steps = m.cost(size)
@@ -246,12 +249,12 @@ def main() -> None:
                          "trainable_params": trainable, "train_steps": train_steps, "train_px": m.train_px(size),
                          "s_per_image": round(seconds, 3),
                          "x_direct": round(seconds / timing["direct"][0], 3), "peak_mib": round(peak, 1), **metrics,
-                         **settings})
+                         "style_acc_real": style_real, "style_acc_base": style_base, **settings})
             print({k: rows[-1][k] for k in ("size", "method", "x_direct", "FID_r", "pFID_r", "FID_b", "SWD_x1e3")},
                   flush=True)
         write_grid(stem.with_name(f"{stem.name}_grid_{size}.png"), grid, GRID_COLUMNS, cell=size)
         table = sorted(kept + rows, key=lambda r: r["size"])
-        lines = table_lines(table, args, extractor.name, len(reference_records))
+        lines = table_lines(table, args, extractor.name, len(reference_records), base)
         lines += ["", f"Grids: the real render of the caption, then each method, for the first {GRID_COLUMNS} captions "
                   f"({'; '.join(captions[:GRID_COLUMNS])}), seed {args.seed} onwards:", ""]
         lines += [f"![{s} px]({stem.name}_grid_{s}.png)" for s in sorted({r['size'] for r in table})
@@ -291,7 +294,15 @@ def _parse(text: str):
     return None if text == "" else text
 
 
-def table_lines(rows: list[dict], args: argparse.Namespace, features: str, num_real: int) -> list[str]:
+def _style_ceilings(rows: list[dict], base: int) -> str:
+    """The style adherence of the real renders per size and of the base model's own samples, for scale."""
+    real = {r["size"]: r.get("style_acc_real") for r in rows}
+    own = next((r.get("style_acc_base") for r in rows if r.get("style_acc_base") is not None), None)
+    return (", ".join(f"real renders at {s} px: {percent(v)}" for s, v in real.items())
+            + f"; the base model's own {base} px samples of these captions: {percent(own)}")
+
+
+def table_lines(rows: list[dict], args: argparse.Namespace, features: str, num_real: int, base: int) -> list[str]:
     name = Path(args.model).name
     lines = [
         f"# Methods side by side on the `{name}` model", "",
@@ -300,12 +311,13 @@ def table_lines(rows: list[dict], args: argparse.Namespace, features: str, num_r
         f"model's default guidance; {num_real} real eval renders per size; features `{features}`. "
         f"Time and peak memory: batch 1, median of {args.repeats} after a warm-up, methods alternated in one process "
         "(CPU peak = rise of the resident set). KID: mean ± std over subsets. Counts: (generated / reference). "
-        "Lower is better everywhere. Train px: side of the images a row's training saw (fine-tuned UNets are used at "
-        "that size and above, like the banks). The rows of one size come from one run, so ratios and timings "
-        "compare methods measured side by side.", "",
+        "Lower is better, except style: the share of images the feature network assigns the style their caption "
+        f"names (prompt adherence without CLIP; {_style_ceilings(rows, base)}). Train px: side of the images a "
+        "row's training saw (fine-tuned UNets are used at that size and above, like the banks). The rows of one "
+        "size come from one run, so ratios and timings compare methods measured side by side.", "",
         "| pixels | size | method | trainable params | train steps | train px | s / image | x direct | peak MiB | FID_r | "
-        "KID_r | pFID_r | pKID_r | FID_b | KID_b | SWD x1e3 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "KID_r | pFID_r | pKID_r | FID_b | KID_b | SWD x1e3 | style |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         n, nc, nb = f"({r['n_gen']}/{r['n_real']})", f"({r['n_gen_crops']}/{r['n_real_crops']})", f"({r['n_gen']}/{r['n_base']})"
@@ -314,7 +326,7 @@ def table_lines(rows: list[dict], args: argparse.Namespace, features: str, num_r
             f"{r.get('train_px') or '-'} | "
             f"{r['s_per_image']} | {r['x_direct']} | {r['peak_mib']} | {_f(r['FID_r'])} {n} | {_f(r['KID_r'], 3)} ± "
             f"{_f(r['KID_r_std'], 2)} | {_f(r['pFID_r'])} {nc} | {_f(r['pKID_r'], 3)} ± {_f(r['pKID_r_std'], 2)} | "
-            f"{_f(r['FID_b'])} {nb} | {_f(r['KID_b'], 3)} | {_f(r['SWD_x1e3'])} |")
+            f"{_f(r['FID_b'])} {nb} | {_f(r['KID_b'], 3)} | {_f(r['SWD_x1e3'])} | {percent(r.get('style_acc'))} |")
     return lines
 
 

@@ -17,7 +17,9 @@ from selfcascade.cli import main
 from selfcascade.evaluate import COLUMNS, GenerationSpec, choose_records, generate_set
 from selfcascade.metrics import EmojiFeatures, FeatureExtractorUnavailable, load_features
 from selfcascade.metrics import features as features_module
-from selfcascade.metrics.emoji_features import DEFAULT_DIR, EmojiFeatureNet, load_feature_net, save_feature_net
+from selfcascade.metrics.emoji_features import (DEFAULT_DIR, EmojiFeatureNet, caption_style, load_feature_net,
+                                                save_feature_net)
+from selfcascade.metrics.images import resize_images
 from selfcascade.metrics.train_features import augment, split_holdout
 from selfcascade.testing import make_tiny_sd
 
@@ -33,7 +35,7 @@ def _tiny_net(seed: int = 0) -> EmojiFeatureNet:
 def extractor_dir(tmp_path_factory) -> Path:
     """A random-init extractor saved like the shipped one (no training in tests)."""
     folder = tmp_path_factory.mktemp("extractor")
-    return save_feature_net(_tiny_net(), folder, {"concepts": ["a", "b", "c"], "styles": ["x", "y"]}, {"steps": 0})
+    return save_feature_net(_tiny_net(), folder, {"concepts": ["a", "b", "c"], "styles": ["noto style", "twemoji style"]}, {"steps": 0})
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +72,22 @@ def test_extractor_shape_determinism_and_round_trip(extractor_dir: Path) -> None
     assert loaded.name.startswith("selfcascade-emoji-cnn-16-") and loaded.input_size == 32
     net, config = load_feature_net(extractor_dir)
     assert not net.training and config["concepts"] == ["a", "b", "c"] and config["training"] == {"steps": 0}
+
+
+def test_style_adherence_reads_the_caption_style(extractor_dir: Path) -> None:
+    images = torch.rand(6, 3, 40, 40, generator=torch.Generator().manual_seed(2))
+    extractor = EmojiFeatures(extractor_dir)
+    with torch.no_grad():
+        _, _, logits = extractor.network(resize_images(images, 32))
+    predicted = logits.argmax(1)
+    names = ["noto style", "twemoji style"]
+    captions = [f"shape {i}, {names[int(p)]}" for i, p in enumerate(predicted)]
+    assert extractor.style_adherence(images, captions) == 1.0
+    flipped = [f"shape {i}, {names[1 - int(p)]}" for i, p in enumerate(predicted)]
+    assert extractor.style_adherence(images, flipped) == 0.0
+    assert extractor.style_adherence(images, captions[:5] + ["a photo of a cat"]) is None  # no style named
+    assert EmojiFeatures.from_network(_tiny_net(), "tiny").style_adherence(images, captions) is None  # no labels
+    assert caption_style("Grinning Face, NOTO style ", names) == 0 and caption_style("noto style cat", names) is None
 
 
 def test_extractor_keeps_training_mode_and_rejects_bad_input() -> None:
@@ -147,7 +165,7 @@ def test_evaluate_end_to_end_and_resume(tiny_sd_dir: Path, fake_cache: Path, ext
         assert list(r) == COLUMNS
         assert all(r[c] not in ("", "None") for c in COLUMNS), r
         assert (r["n_gen"], r["n_real"], r["n_gen_crops"], r["n_real_crops"], r["n_base"]) == ("2", "4", "8", "16", "2")
-        assert float(r["FID_r"]) >= 0 and float(r["KID_r_std"]) >= 0
+        assert float(r["FID_r"]) >= 0 and float(r["KID_r_std"]) >= 0 and 0 <= float(r["style_acc"]) <= 1
     table = (out / "results.md").read_text()
     assert "selfcascade-emoji-cnn-16-" in table and "| 64 | 4x | tuning-free |" in table and "(2/4)" in table
     assert "(8/16)" in table and "(2/2)" in table

@@ -181,8 +181,9 @@ def make_reference(extractor, real: torch.Tensor, base: int, crops_per_image: in
 
 
 def score(extractor, fake: torch.Tensor, reference: Reference, base_features: torch.Tensor | None, base: int,
-          crops_per_image: int, seed: int) -> dict:
-    """One table row's numbers and their sample counts (FID_b/KID_b are None without base samples)."""
+          crops_per_image: int, seed: int, captions: list[str] | None = None) -> dict:
+    """One table row's numbers and their sample counts (FID_b/KID_b are None without base samples; style
+    adherence is None without the captions or an extractor that knows styles)."""
     from .metrics import random_crops, resize_images, sliced_wasserstein_distance
 
     row: dict = {"n_gen": fake.shape[0], "n_real": reference.images.shape[0]}
@@ -196,7 +197,14 @@ def score(extractor, fake: torch.Tensor, reference: Reference, base_features: to
     if base_features is not None:
         row["FID_b"], row["KID_b"], row["KID_b_std"] = _fid_kid(extractor(resize_images(fake, base)), base_features)
     row["SWD_x1e3"] = 1e3 * sliced_wasserstein_distance(fake, reference.images, seed=seed).mean
+    row["style_acc"] = style_adherence(extractor, fake, captions) if captions else None
     return row
+
+
+def style_adherence(extractor, images: torch.Tensor, captions: list[str]) -> float | None:
+    """The extractor's style adherence of ``images`` to ``captions``; None for features that know no styles."""
+    adherence = getattr(extractor, "style_adherence", None)
+    return None if adherence is None else adherence(images, captions)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,17 +212,21 @@ def score(extractor, fake: torch.Tensor, reference: Reference, base_features: to
 
 
 COLUMNS = ["size", "pixels", "mode", "FID_r", "KID_r", "KID_r_std", "pFID_r", "pKID_r", "pKID_r_std", "FID_b", "KID_b",
-           "KID_b_std", "SWD_x1e3", "n_gen", "n_real", "n_gen_crops", "n_real_crops", "n_base", "s_per_image", "features"]
+           "KID_b_std", "SWD_x1e3", "style_acc", "n_gen", "n_real", "n_gen_crops", "n_real_crops", "n_base", "s_per_image", "features"]
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}g}"
 
 
+def percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
 def markdown_table(rows: list[dict]) -> list[str]:
     """One line per (size, mode); counts in parentheses: (generated / reference) images or crops."""
-    lines = ["| size | pixels | mode | FID_r | KID_r | pFID_r | pKID_r | FID_b | KID_b | SWD x1e3 | s / image |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| size | pixels | mode | FID_r | KID_r | pFID_r | pKID_r | FID_b | KID_b | SWD x1e3 | style | s / image |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         n_r, n_p, n_b = f"({r['n_gen']}/{r['n_real']})", f"({r['n_gen_crops']}/{r['n_real_crops']})", f"({r['n_gen']}/{r['n_base']})"
         base = (f"{_fmt(r['FID_b'])} {n_b} | {_fmt(r['KID_b'])} ± {_fmt(r['KID_b_std'], 2)} {n_b}"
@@ -222,7 +234,7 @@ def markdown_table(rows: list[dict]) -> list[str]:
         lines.append(
             f"| {r['size']} | {r['pixels']} | {r['mode']} | {_fmt(r['FID_r'])} {n_r} | {_fmt(r['KID_r'])} ± "
             f"{_fmt(r['KID_r_std'], 2)} {n_r} | {_fmt(r['pFID_r'])} {n_p} | {_fmt(r['pKID_r'])} ± {_fmt(r['pKID_r_std'], 2)} "
-            f"{n_p} | {base} | {_fmt(r['SWD_x1e3'])} {n_r} | {_fmt(r['s_per_image'], 3)} |")
+            f"{n_p} | {base} | {_fmt(r['SWD_x1e3'])} {n_r} | {percent(r['style_acc'])} | {_fmt(r['s_per_image'], 3)} |")
     return lines
 
 
@@ -306,6 +318,7 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
     sets: dict[tuple[int, str], torch.Tensor] = {}
     timings: dict[tuple[int, str], float | None] = {}
     chosen: list[dict] = []
+    captions: list[str] | None = None  # of the generated images, when generated here
     guidance = None
     if args.generated is not None:
         sets = _generated_sets(Path(args.generated))
@@ -342,7 +355,9 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
            "n/a" if base_samples is None else "the base model's samples (same captions and seeds)")
         + ". KID: mean ± std over 100 random subsets of up to 1000 (std ~0 when both sets are that small: every "
         "subset is then the whole set). Counts in parentheses: (generated / reference) images or crops, the "
-        "reference being the real renders, or the base samples for FID_b/KID_b. Lower is better.",
+        "reference being the real renders, or the base samples for FID_b/KID_b. Lower is better, except style: "
+        "the share of generated images the emoji network assigns the style their caption names (prompt "
+        "adherence without CLIP; n/a with other features or without captions).",
     ]
     rows: list[dict] = []
     for size in sorted({size for size, _ in sets}):
@@ -356,7 +371,8 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
                 continue
             logger.info("scoring %s at %d px", name, size)
             row = {"size": size, "pixels": f"{(size / base) ** 2:g}x", "mode": name,
-                   **score(extractor, fake, reference, base_features, base, args.crops_per_image, args.seed),
+                   **score(extractor, fake, reference, base_features, base, args.crops_per_image, args.seed,
+                           captions),
                    "s_per_image": timings[(size, name)], "features": extractor.name}
             rows.append(row)
             grid_rows[name] = fake

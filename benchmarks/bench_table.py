@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import statistics
 import time
 from dataclasses import dataclass
@@ -207,6 +208,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/table"), help="cached images")
     parser.add_argument("--quick", action="store_true", help="16 images, 20 steps, 64 px only, 1 timing repeat")
     args = parser.parse_args()
+    if args.curves and importlib.util.find_spec("matplotlib") is None:
+        parser.error("--curves draws its plot with matplotlib: pip install -e '.[bench]'")
     if args.quick:
         args.num_images, args.steps, args.sizes, args.repeats, args.num_real = 16, 20, [64], 1, 256
     torch.set_num_threads(args.threads)

@@ -16,6 +16,8 @@ RUNS=${RUNS:-runs/bench}
 THREADS=${THREADS:-2}
 IMAGES=${IMAGES:-16}
 STEPS=${STEPS:-25}
+"$PY" -c "import matplotlib, peft" 2>/dev/null || {
+  echo "needs the bench and baselines extras: $PY -m pip install -e '.[bench,baselines]'" >&2; exit 1; }
 sc() { "$PY" -m selfcascade.cli "$@"; }
 table() { "$PY" benchmarks/bench_table.py --num-images "$IMAGES" --steps "$STEPS" --repeats 2 --threads "$THREADS" \
   --out "$RUNS/table" "$@"; }

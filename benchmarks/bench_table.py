@@ -138,13 +138,18 @@ def time_methods(methods: list[Method], size: int, steps: int, repeats: int) -> 
     return {k: (statistics.median(v), max(peaks[k])) for k, v in times.items()}
 
 
-def curves(args: argparse.Namespace, extractor, captions: list[str], reference, out: Path) -> list[dict]:
-    """FID_r at the tuning size over training steps, from each run's snapshots (Fig. 5 of the paper)."""
+def curves(args: argparse.Namespace, extractor, captions: list[str], reference, base_features, out: Path) -> list[dict]:
+    """FID_r and FID_b at the tuning size over training steps (Fig. 5 of the paper), from each run's snapshots.
+    Step 0 is where training starts: tuning-free for the bank (its residuals start at zero), direct inference
+    for the fine-tunes; those images are the table's own (same folder under ``out``)."""
     points = []
     for label in ("bank", "full", "lora4", "lora32"):
         run = getattr(args, label)
         if run is None:
             continue
+        start = "tuning-free" if label == "bank" else "direct"
+        untrained = Method(start, start, SelfCascadePipeline.from_pretrained(args.model))
+        sets = [(0, untrained, "", out / f"{start}-{args.curve_size}")]
         for snap in sorted((run / "snapshots").glob("step-*")):
             step = int(snap.name.split("-")[1])
             cascade = SelfCascadePipeline.from_pretrained(args.model)
@@ -153,11 +158,15 @@ def curves(args: argparse.Namespace, extractor, captions: list[str], reference, 
             else:
                 load_unet_weights(cascade.backbone.unet, snap, cascade.backbone.name)
                 method = Method(label, "direct", cascade)
+            sets.append((step, method, f"@{snap}", out / "curves" / f"{label}-{step:06d}"))
+        for step, method, weights, folder in sets:
             spec = method.spec(args.curve_size, args.steps, args.seed)
-            spec.model += f"@{snap}"
-            fake, _ = generate_set(cascade, spec, captions, out / "curves" / f"{label}-{step:06d}", args.batch_size)
-            row = score(extractor, fake, reference, None, cascade.backbone.base_size[0], args.crops_per_image, args.seed)
-            points.append({"run": label, "step": step, "FID_r": row["FID_r"], "KID_r": row["KID_r"], "n_gen": row["n_gen"]})
+            spec.model += weights
+            fake, _ = generate_set(method.cascade, spec, captions, folder, args.batch_size)
+            row = score(extractor, fake, reference, base_features, method.cascade.backbone.base_size[0],
+                        args.crops_per_image, args.seed)
+            points.append({"run": label, "step": step, **{k: row[k] for k in ("FID_r", "KID_r", "FID_b", "SWD_x1e3",
+                                                                               "n_gen")}})
             print(points[-1], flush=True)
     return points
 
@@ -168,15 +177,17 @@ def plot_curves(points: list[dict], path: Path, size: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), dpi=120)
     names = {"bank": "upsampler tuning (ours)", "full": "full fine-tuning", "lora4": "LoRA r4", "lora32": "LoRA r32"}
-    for run in names:
-        xs = [(p["step"], p["FID_r"]) for p in points if p["run"] == run]
-        if xs:
-            ax.plot(*zip(*sorted(xs)), marker="o", label=names[run])
-    ax.set_xlabel("training steps")
-    ax.set_ylabel(f"FID_r at {size} px (emoji features)")
-    ax.legend()
+    for ax, metric, meaning in zip(axes, ("FID_r", "FID_b"), ("vs real renders", "vs the base model's samples")):
+        for run in names:
+            xs = [(p["step"], p[metric]) for p in points if p["run"] == run]
+            if xs:
+                ax.plot(*zip(*sorted(xs)), marker="o", label=names[run])
+        ax.set_xlabel("training steps")
+        ax.set_ylabel(f"{metric} at {size} px")
+        ax.set_title(meaning, fontsize="medium")
+    axes[0].legend()
     fig.tight_layout()
     fig.savefig(path)
 
@@ -268,14 +279,17 @@ def main() -> None:
         size = args.curve_size
         reference = references.get(size) or make_reference(extractor, _real(cache_dir, reference_records, size), base,
                                                            args.crops_per_image, args.seed)
-        points = curves(args, extractor, captions, reference, args.out)
+        points = curves(args, extractor, captions, reference, base_features, args.out)
         if points:
             plot_curves(points, stem.with_name(stem.name + "_curves.png"), size)
-            lines = [f"# FID_r at {size} px over training steps on the `{Path(args.model).name}` model", "",
+            lines = [f"# FID over training steps at {size} px on the `{Path(args.model).name}` model", "",
                      f"{args.num_images} eval-split captions, {args.steps} DDIM steps, seed {args.seed}, one image per "
-                     f"caption per snapshot. ![curves]({stem.name}_curves.png)", "",
-                     "| run | step | FID_r | KID_r |", "|---|---|---|---|"]
-            lines += [f"| {p['run']} | {p['step']} | {_f(p['FID_r'])} | {_f(p['KID_r'], 3)} |" for p in points]
+                     "caption per snapshot; step 0: tuning-free for the bank, direct inference for the fine-tunes. "
+                     "FID_r against real renders, FID_b against the base model's own samples (downsampled), as in the "
+                     f"table. ![curves]({stem.name}_curves.png)", "",
+                     "| run | step | FID_r | KID_r | FID_b | SWD x1e3 |", "|---|---|---|---|---|---|"]
+            lines += [f"| {p['run']} | {p['step']} | {_f(p['FID_r'])} | {_f(p['KID_r'], 3)} | {_f(p['FID_b'])} | "
+                      f"{_f(p['SWD_x1e3'])} |" for p in points]
             with atomic_path(stem.with_name(stem.name + "_curves.md")) as tmp:
                 tmp.write_text("\n".join(lines) + "\n")
 

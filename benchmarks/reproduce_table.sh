@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce benchmarks/results/table_embedded.{md,csv}, its grids and the Fig. 5 curve (table_embedded_curves.*)
-# on the embedded model, training runs included: about 4 hours on 2 CPU cores, minutes on a GPU.
+# on the embedded model, training runs included: about 3 hours on 2 CPU cores (half of it at 256 px).
 #
 #   bash benchmarks/reproduce_table.sh            # everything; rerun after an interruption to resume
 #   RUNS=/tmp/bench THREADS=4 bash benchmarks/reproduce_table.sh

@@ -35,7 +35,8 @@ def _tiny_net(seed: int = 0) -> EmojiFeatureNet:
 def extractor_dir(tmp_path_factory) -> Path:
     """A random-init extractor saved like the shipped one (no training in tests)."""
     folder = tmp_path_factory.mktemp("extractor")
-    return save_feature_net(_tiny_net(), folder, {"concepts": ["a", "b", "c"], "styles": ["noto style", "twemoji style"]}, {"steps": 0})
+    labels = {"concepts": ["a", "b", "c"], "styles": ["noto style", "twemoji style"]}
+    return save_feature_net(_tiny_net(), folder, labels, {"steps": 0})
 
 
 @pytest.fixture(scope="module")

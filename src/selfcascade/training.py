@@ -1,0 +1,116 @@
+"""One training loop for the trainers: accelerate, resumable checkpoints, EMA, warm-up, progress bar, loss log.
+
+A trainer supplies the model, its optimizer and ``loss_fn(step, generator)``; the loop owns everything
+around it. Every random draw of a step comes from ``step_generator(seed, step, rank)``, so a run resumed
+from its checkpoint continues exactly as an uninterrupted one would, and a run refuses to resume under
+settings other than the ones it was started with (``check_resume``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .checkpoints import optimizer_step, record_loss, step_generator, write_checkpoint
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[int, torch.Generator], torch.Tensor]
+WriteWeights = Callable[[Path], None]
+
+
+class EMA:
+    """Exponential moving average of a model's float tensors, with the usual warm-up of the decay."""
+
+    def __init__(self, model: torch.nn.Module, max_decay: float) -> None:
+        self.max_decay = max_decay
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        decay = min(self.max_decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].lerp_(v.float(), 1 - decay)
+            else:
+                self.shadow[k].copy_(v)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """The loop's own settings; the trainer's settings travel in ``state["args"]``."""
+
+    run_dir: Path
+    max_steps: int
+    lr: float
+    warmup: int = 0              # linear learning-rate warm-up steps, then constant
+    grad_clip: float = 1.0       # gradient-norm clip (0: off)
+    checkpoint_every: int = 100
+    log_every: int = 10          # steps between points of the recorded loss curve
+    seed: int = 0
+    desc: str = "train"
+
+
+def check_resume(state: Mapping, settings: Mapping, run_dir: Path, ignore: tuple[str, ...] = ()) -> None:
+    """Refuse to resume a run under other settings, naming each one that differs."""
+    saved = state.get("args", {})
+    differ = [k for k in settings if k not in ignore and k in saved and saved[k] != settings[k]]
+    if differ:
+        listed = ", ".join(f"{k}: run has {saved[k]!r}, now {settings[k]!r}" for k in differ)
+        raise ValueError(f"{run_dir} holds a run made with other settings ({listed}); resume it with the same "
+                         "arguments or give another --run-dir.")
+
+
+def hardware(accelerator) -> str:
+    if accelerator.device.type == "cuda":
+        return f"{accelerator.num_processes}x {torch.cuda.get_device_name(accelerator.device)}"
+    return f"CPU, {torch.get_num_threads()} threads, {accelerator.num_processes} process(es)"
+
+
+def train_loop(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
+               config: LoopConfig, state: dict, write_weights: WriteWeights, ema: EMA | None = None,
+               on_checkpoint: Callable[[int], None] | None = None) -> dict:
+    """Run ``loss_fn`` steps from ``state["step"]`` to ``config.max_steps``; checkpoint atomically on the way.
+
+    ``model`` and ``optimizer`` are already ``accelerator.prepare``d; ``write_weights(folder)`` saves the
+    trainer's weights (the EMA's too) into a checkpoint folder. Returns ``state``.
+    """
+    step = state.setdefault("step", 0)
+    state.setdefault("train_seconds", 0.0)
+    bar = tqdm(total=config.max_steps, initial=step, desc=config.desc, unit="step",
+               disable=not accelerator.is_main_process, mininterval=5)
+    model.train()
+    while step < config.max_steps:
+        t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup))
+        loss = loss_fn(step, step_generator(config.seed, step, accelerator.process_index))
+        optimizer_step(accelerator, loss, optimizer, model.parameters(), config.grad_clip)
+        if ema is not None:
+            ema.update(accelerator.unwrap_model(model), step)
+        step += 1
+        state["train_seconds"] += time.perf_counter() - t0
+        record_loss(accelerator, loss, state, step, bar, config.log_every, decay=0.98)
+        if step % config.checkpoint_every == 0 or step == config.max_steps:
+            _checkpoint(accelerator, config.run_dir, optimizer, state, step, write_weights)
+            if on_checkpoint is not None and accelerator.is_main_process:
+                on_checkpoint(step)
+    bar.close()
+    if not (config.run_dir / "checkpoint").exists():  # no steps to run: still leave something to export
+        _checkpoint(accelerator, config.run_dir, optimizer, state, step, write_weights)
+    return state
+
+
+def _checkpoint(accelerator, run_dir: Path, optimizer, state: dict, step: int, write_weights: WriteWeights) -> None:
+    accelerator.wait_for_everyone()
+    state["step"] = step
+    if accelerator.is_main_process:
+        write_checkpoint(run_dir, optimizer, state, write_weights)
+        logger.info("step %d: loss %.4f, %.2f s/step, checkpoint saved", step, state.get("loss", float("nan")),
+                    state["train_seconds"] / max(1, step))

@@ -1,0 +1,88 @@
+"""The VAE trainer on a tiny AutoencoderKL: SD's layout, it learns, resumes exactly, refuses other settings,
+and exports a diffusers folder whose scaling factor comes from the data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from selfcascade import train_vae
+from selfcascade.training import check_resume
+
+TINY = {"block_out_channels": [8, 8, 8, 8], "norm_num_groups": 4}
+
+
+def _source() -> train_vae.CropSource:
+    g = torch.Generator().manual_seed(0)
+    # Flat-coloured squares on white, like the emoji renders: easy to learn in a few steps.
+    images = torch.full((6, 3, 32, 32), 255, dtype=torch.uint8)
+    for i in range(6):
+        colour = torch.randint(0, 255, (3, 1, 1), generator=g, dtype=torch.uint8)
+        images[i, :, 8:24, 8:24] = colour
+    return train_vae.CropSource([images], crop=16)
+
+
+def _args(run_dir: Path, *extra: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    train_vae.add_arguments(parser)
+    return parser.parse_args(["--run-dir", str(run_dir), "--batch-size", "4", "--crop", "16", "--warmup", "1",
+                              "--lr", "2e-3", "--vae-config", json.dumps(TINY), "--cpu", "--threads", "1", *extra])
+
+
+def test_default_vae_has_sd_layout() -> None:
+    vae = train_vae.build_vae()
+    x = torch.zeros(1, 3, 64, 64)
+    z = vae.encode(x).latent_dist.mean
+    assert z.shape == (1, 4, 8, 8)  # 8x downsampling to 4 channels, as SD's VAE
+    assert vae.decode(z).sample.shape == x.shape
+
+
+def test_training_reduces_loss_and_resumes_exactly(tmp_path: Path) -> None:
+    source = _source()
+    straight = train_vae.train(_args(tmp_path / "a", "--max-steps", "30", "--checkpoint-every", "10",
+                                     "--log-every", "1"), source)
+    losses = [v for _, v in straight["losses"]]
+    assert sum(losses[-5:]) < 0.8 * sum(losses[:5])
+    train_vae.train(_args(tmp_path / "b", "--max-steps", "20", "--checkpoint-every", "10"), source)
+    resumed = train_vae.train(_args(tmp_path / "b", "--max-steps", "30", "--checkpoint-every", "10"), source)
+    assert resumed["step"] == 30
+    a = load_file(str(tmp_path / "a" / "checkpoint" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "checkpoint" / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_refuses_to_resume_under_other_settings(tmp_path: Path) -> None:
+    source = _source()
+    train_vae.train(_args(tmp_path, "--max-steps", "2"), source)
+    with pytest.raises(ValueError, match=r"crop: run has 16, now 8"):
+        train_vae.train(_args(tmp_path, "--max-steps", "4", "--crop", "8"), train_vae.CropSource(source.stacks, 8))
+
+
+def test_check_resume_names_every_difference(tmp_path: Path) -> None:
+    state = {"args": {"lr": 1e-3, "batch_size": 8, "seed": 0}}
+    check_resume(state, {"lr": 1e-3, "batch_size": 8, "new_key": 1}, tmp_path)  # unknown to the run: accepted
+    with pytest.raises(ValueError, match=r"lr: run has 0.001, now 0.002.*batch_size: run has 8, now 4"):
+        check_resume(state, {"lr": 2e-3, "batch_size": 4, "seed": 0}, tmp_path)
+
+
+def test_export_is_a_diffusers_folder_with_data_scaling(tmp_path: Path) -> None:
+    from diffusers import AutoencoderKL
+
+    source = _source()
+    train_vae.train(_args(tmp_path / "run", "--max-steps", "3", "--export", str(tmp_path / "vae")), source)
+    vae = AutoencoderKL.from_pretrained(tmp_path / "vae")
+    images = torch.cat([source.batch(4, torch.Generator().manual_seed(0)) for _ in range(8)])
+    expected = train_vae.latent_scaling_factor(vae, images)
+    assert vae.config.scaling_factor == pytest.approx(expected, rel=0.2)
+    assert vae.config.scaling_factor != 0.18215  # computed, not SD's constant
+    assert json.loads((tmp_path / "vae" / "train_state.json").read_text())["train_steps"] == 3
+
+
+def test_crop_larger_than_images_is_refused() -> None:
+    with pytest.raises(ValueError, match="lower --crop"):
+        train_vae.CropSource([torch.zeros(1, 3, 8, 8, dtype=torch.uint8)], crop=16)

@@ -24,21 +24,19 @@ import json
 import logging
 import os
 import shutil
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from selfcascade.backbones.embedded import SCALE_CONDITIONING, is_scale_conditioned, zoom_label
-from selfcascade.checkpoints import (find_checkpoint, load_optimizer, optimizer_step, read_checkpoint_state, record_loss,
-                                     step_generator, write_checkpoint)
+from selfcascade.checkpoints import find_checkpoint, load_optimizer, read_checkpoint_state
 from selfcascade.commands import add_command, run_module
 from selfcascade.data.emoji import STYLES
 from selfcascade.text_encoder import DEFAULT_MAX_LENGTH, ENCODER_NAME, HIDDEN_SIZE
+from selfcascade.training import EMA, LoopConfig, check_resume, hardware, train_loop
 
 logger = logging.getLogger(__name__)
 
@@ -164,33 +162,7 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# EMA and checkpoint state
-
-
-class EMA:
-    """Exponential moving average of a model's float tensors, with the usual warm-up of the decay."""
-
-    def __init__(self, model: torch.nn.Module, max_decay: float) -> None:
-        self.max_decay = max_decay
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        decay = min(self.max_decay, (1 + step) / (10 + step))
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v.float(), 1 - decay)
-            else:
-                self.shadow[k].copy_(v)
-
-
-def save_checkpoint(run_dir: Path, unet: torch.nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,
-                    state: dict) -> Path:
-    def write_weights(folder: Path) -> None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}, str(folder / "model.safetensors"))
-        save_file({k: v.cpu().contiguous() for k, v in ema.shadow.items()}, str(folder / "ema.safetensors"))
-
-    return write_checkpoint(run_dir, optimizer, state, write_weights)
+# Checkpoint state
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,12 +258,6 @@ def training_loss(unet, scheduler, images: torch.Tensor, hidden: torch.Tensor, m
     return F.mse_loss(pred.float(), noise.float())
 
 
-def _hardware(accelerator) -> str:
-    if accelerator.device.type == "cuda":
-        return f"{accelerator.num_processes}x {torch.cuda.get_device_name(accelerator.device)}"
-    return f"CPU, {torch.get_num_threads()} threads, {accelerator.num_processes} process(es)"
-
-
 def train(args: argparse.Namespace, dataset=None) -> dict:
     """Train (resuming from ``args.run_dir``'s checkpoint if any) until ``args.max_steps``.
 
@@ -342,10 +308,11 @@ def train(args: argparse.Namespace, dataset=None) -> dict:
         unet = build_unet({**config, **(SCALE_CONDITIONING if args.scale_conditioning else {})})
         state = {"step": 0, "train_seconds": 0.0}
     state["unet_config"] = unet_config(unet)
-    state["args"] = {k: getattr(args, k) for k in ("batch_size", "lr", "warmup", "ema_decay", "caption_dropout",
-                                                    "seed", "max_length", "zoom_prob", "zoom_factors",
-                                                    "scale_conditioning")}
-    state["hardware"] = _hardware(accelerator)
+    settings = {k: getattr(args, k) for k in ("batch_size", "lr", "warmup", "ema_decay", "caption_dropout",
+                                               "seed", "max_length", "zoom_prob", "zoom_factors", "scale_conditioning")}
+    check_resume(state, settings, run_dir)
+    state["args"] = settings
+    state["hardware"] = hardware(accelerator)
     state["num_frames"] = args.frames
 
     unet.to(device)
@@ -362,14 +329,9 @@ def train(args: argparse.Namespace, dataset=None) -> dict:
     logger.info("training %d-parameter UNet on %d images, batch %d, on %s",
                 count_parameters(unet), n, args.batch_size, state["hardware"])
 
-    step = state["step"]
-    bar = tqdm(total=args.max_steps, initial=step, desc="train-base", unit="step",
-               disable=not accelerator.is_main_process, mininterval=5)
     conditioned = is_scale_conditioned(accelerator.unwrap_model(unet))
-    unet.train()
-    while step < args.max_steps:
-        t0 = time.perf_counter()
-        g = step_generator(args.seed, step, accelerator.process_index)
+
+    def loss_fn(step: int, g: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, n, (args.batch_size,), generator=g)
         images, hidden, mask = dataset.batch(idx)
         drop = torch.rand(args.batch_size, generator=g) < args.caption_dropout
@@ -386,23 +348,23 @@ def train(args: argparse.Namespace, dataset=None) -> dict:
                     images[chosen] = dataset.zoomed(idx[chosen], g, factor)
                     if labels is not None:
                         labels[chosen] = zoom_label(factor)
-        for group in optimizer.param_groups:  # linear warm-up, then constant
-            group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
-        loss = training_loss(unet, scheduler, images.to(device), hidden.to(device), mask.to(device), g,
+        return training_loss(unet, scheduler, images.to(device), hidden.to(device), mask.to(device), g,
                              None if labels is None else labels.to(device))
-        optimizer_step(accelerator, loss, optimizer, unet.parameters(), args.grad_clip)
-        ema.update(accelerator.unwrap_model(unet), step)
-        step += 1
-        state["train_seconds"] += time.perf_counter() - t0
-        record_loss(accelerator, loss, state, step, bar, decay=0.98)
-        if step % args.checkpoint_every == 0 or step == args.max_steps:
-            _checkpoint(accelerator, run_dir, unet, ema, optimizer, state, step, args)
-    bar.close()
-    if find_checkpoint(run_dir) is None:  # e.g. --init-from with no steps: still leave a checkpoint to export
-        _checkpoint(accelerator, run_dir, unet, ema, optimizer, state, step, args)
+
+    def write_weights(folder: Path) -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in accelerator.unwrap_model(unet).state_dict().items()},
+                  str(folder / "model.safetensors"))
+        save_file({k: v.cpu().contiguous() for k, v in ema.shadow.items()}, str(folder / "ema.safetensors"))
+
+    def on_checkpoint(step: int) -> None:
+        if args.export and args.export_every and step % args.export_every == 0:
+            export_checkpoint(run_dir, Path(args.export))
+
+    loop = LoopConfig(run_dir, args.max_steps, args.lr, args.warmup, args.grad_clip, args.checkpoint_every,
+                      0, args.seed, "train-base")
+    train_loop(accelerator, unet, optimizer, loss_fn, loop, state, write_weights, ema, on_checkpoint)
     if args.export and accelerator.is_main_process:
         export_checkpoint(run_dir, Path(args.export))
-    state["step"] = step
     return state
 
 
@@ -437,19 +399,6 @@ def _load_init(unet_dir: Path, video: bool, scale_conditioning: bool = False) ->
                          "a UNet2DConditionModel (or, with --frames, a UNet3DConditionModel) to start from.")
     unet = getattr(diffusers, unet_class).from_pretrained(unet_dir, torch_dtype=torch.float32)
     return add_scale_conditioning(unet) if scale_conditioning and not is_scale_conditioned(unet) else unet
-
-
-def _checkpoint(accelerator, run_dir: Path, unet, ema: EMA, optimizer, state: dict, step: int,
-                args: argparse.Namespace) -> None:
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return
-    state["step"] = step
-    save_checkpoint(run_dir, accelerator.unwrap_model(unet), ema, optimizer, state)
-    logger.info("step %d: loss %.4f, %.2f s/step, checkpoint saved", step, state.get("loss", float("nan")),
-                state["train_seconds"] / max(1, step))
-    if args.export and args.export_every and step % args.export_every == 0:
-        export_checkpoint(run_dir, Path(args.export))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,99 @@
+"""The v3 embedded model's parts as a stock Stable Diffusion folder.
+
+v3 is a tiny Stable Diffusion: SD 1.5's UNet block topology and module names at small widths, an SD-layout
+VAE (``train_vae``), SD's scaled-linear schedule, and all-MiniLM-L6-v2 as ``text_encoder``/``tokenizer``.
+Written as a diffusers pipeline folder, ``StableDiffusionPipeline.from_pretrained(folder)`` and
+``DiffusionPipeline.from_pretrained(folder)`` load it offline with no extra arguments, so every tool
+written for SD (diffusers' own pipelines, HiDiffusion, LoRA loading, tiled VAE decoding) runs on it.
+
+Prompts are encoded exactly as the stock pipeline does: padded to ``max_length`` tokens
+(``tokenizer.model_max_length``), MiniLM run with its attention mask (``use_attention_mask`` in its
+config, which ``encode_prompt`` reads), and the UNet cross-attends to all padded positions, as SD's
+does; ``encode_prompts`` below is that same computation for training.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .io import atomic_dir
+from .text_encoder import DEFAULT_MAX_LENGTH, HIDDEN_SIZE, _model_path
+
+logger = logging.getLogger(__name__)
+
+#: Base size in pixels (16x16 latents through the 8x VAE).
+BASE_SIZE = 128
+#: SD 1.5's topology: three cross-attention down blocks and a plain one, two layers each, mid attention.
+SD15_UNET: dict = {
+    "sample_size": BASE_SIZE // 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [32, 64, 128, 128],
+    "layers_per_block": 2,
+    "attention_head_dim": 8,
+    "cross_attention_dim": HIDDEN_SIZE,
+    "norm_num_groups": 32,
+}
+#: SD's noise schedule, so K=700 means what it means in the paper.
+SD_SCHEDULE: dict = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+
+def build_sd_unet(config: dict | None = None):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**{**SD15_UNET, **(config or {})})
+
+
+def build_sd_scheduler(prediction_type: str = "epsilon"):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**{**SD_SCHEDULE, "prediction_type": prediction_type})
+
+
+def load_text_components(max_length: int = DEFAULT_MAX_LENGTH):
+    """(tokenizer, text_encoder) of MiniLM, set up so the stock pipeline encodes prompts as training does."""
+    from transformers import AutoTokenizer, BertModel
+
+    path = _model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, model_max_length=max_length)
+    encoder = BertModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
+    encoder.config.use_attention_mask = True
+    return tokenizer, encoder.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str]) -> torch.Tensor:
+    """[B, max_length, 384]: what ``StableDiffusionPipeline.encode_prompt`` computes for these prompts."""
+    tokens = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                       truncation=True, return_tensors="pt")
+    device = text_encoder.device
+    return text_encoder(tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))[0]
+
+
+def save_sd_folder(folder: Path | str, unet, vae, max_length: int = DEFAULT_MAX_LENGTH, scheduler=None) -> Path:
+    """Write a stock ``StableDiffusionPipeline`` folder (no safety checker, no feature extractor), atomically."""
+    from diffusers import StableDiffusionPipeline
+
+    tokenizer, text_encoder = load_text_components(max_length)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler or build_sd_scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    with atomic_dir(folder) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    logger.info("wrote a StableDiffusionPipeline folder to %s", folder)
+    return Path(folder)

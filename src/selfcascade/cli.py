@@ -218,7 +218,7 @@ def _plugin_registrars() -> list:
     """Subcommands that live beside the modules they drive (data set, training)."""
     registrars = []
     for module, attr in (("selfcascade.data.emoji", "register_cli"), ("selfcascade.train_base", "register_cli"),
-                         ("selfcascade.train_vae", "register_cli"),
+                         ("selfcascade.train_vae", "register_cli"), ("selfcascade.train_sd", "register_cli"),
                          ("selfcascade.train_upsamplers", "register_cli"),
                          ("selfcascade.baselines.finetune", "register_cli"), ("selfcascade.evaluate", "register_cli"),
                          ("selfcascade.metrics.train_features", "register_cli")):

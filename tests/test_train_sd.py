@@ -1,0 +1,79 @@
+"""The v3 UNet trainer on tiny parts: it learns, resumes exactly, refuses other settings, and exports a
+folder that StableDiffusionPipeline loads and samples."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from selfcascade import train_sd, train_vae
+
+TINY_UNET = {"block_out_channels": [16, 16, 16, 16], "norm_num_groups": 8, "sample_size": 4}
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("vae") / "vae"
+    train_vae.build_vae({"block_out_channels": [8, 8, 8, 8], "norm_num_groups": 4}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data(vae_dir: Path) -> train_sd.LatentData:
+    from diffusers import AutoencoderKL
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 255, (6, 3, 32, 32), generator=g, dtype=torch.uint8)
+    return train_sd.encode_dataset(AutoencoderKL.from_pretrained(vae_dir), images, ["red apple", "blue car"] * 3)
+
+
+def _args(run_dir: Path, vae_dir: Path, *extra: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    train_sd.add_arguments(parser)
+    return parser.parse_args(["--vae", str(vae_dir), "--run-dir", str(run_dir), "--batch-size", "4", "--lr", "2e-3",
+                              "--warmup", "1", "--unet-config", json.dumps(TINY_UNET), "--cpu", "--threads", "1",
+                              "--log-every", "1", *extra])
+
+
+def test_encoded_data_shapes(data: train_sd.LatentData) -> None:
+    assert data.latents.shape == (6, 4, 4, 4)
+    assert data.context.shape == (6, 32, 384) and data.uncond.shape == (32, 384)
+
+
+def test_learns_resumes_exactly_and_exports(tmp_path: Path, vae_dir: Path, data) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    straight = train_sd.train(_args(tmp_path / "a", vae_dir, "--max-steps", "40", "--checkpoint-every", "20"), data)
+    losses = [v for _, v in straight["losses"]]
+    assert sum(losses[-8:]) < sum(losses[:8])
+    train_sd.train(_args(tmp_path / "b", vae_dir, "--max-steps", "20", "--checkpoint-every", "20"), data)
+    train_sd.train(_args(tmp_path / "b", vae_dir, "--max-steps", "40", "--checkpoint-every", "20",
+                         "--export", str(tmp_path / "model")), data)
+    a = load_file(str(tmp_path / "a" / "checkpoint" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "checkpoint" / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "model")
+    assert pipe("red apple", height=32, width=32, num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
+    assert json.loads((tmp_path / "model" / "train_state.json").read_text())["train_steps"] == 40
+
+
+def test_refuses_other_settings(tmp_path: Path, vae_dir: Path, data) -> None:
+    train_sd.train(_args(tmp_path, vae_dir, "--max-steps", "1"), data)
+    with pytest.raises(ValueError, match="prediction_type: run has 'epsilon', now 'v_prediction'"):
+        train_sd.train(_args(tmp_path, vae_dir, "--max-steps", "2", "--prediction-type", "v_prediction"), data)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weighting_changes_the_loss(prediction_type: str) -> None:
+    unet = train_sd.build_sd_unet(TINY_UNET)
+    scheduler = train_sd.build_sd_scheduler(prediction_type)
+    latents, context = torch.randn(4, 4, 4, 4), torch.randn(4, 32, 384)
+    plain = train_sd.diffusion_loss(unet, scheduler, latents, context, torch.Generator().manual_seed(1))
+    weighted = train_sd.diffusion_loss(unet, scheduler, latents, context, torch.Generator().manual_seed(1), 5.0)
+    assert torch.isfinite(weighted) and not torch.isclose(plain, weighted)

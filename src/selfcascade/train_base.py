@@ -29,14 +29,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from selfcascade.backbones.embedded import SCALE_CONDITIONING, is_scale_conditioned, zoom_label
-from selfcascade.checkpoints import find_checkpoint, load_optimizer, read_checkpoint_state
+from selfcascade.checkpoints import find_checkpoint, read_checkpoint_state
 from selfcascade.commands import add_command, run_module
 from selfcascade.data.emoji import STYLES
 from selfcascade.text_encoder import DEFAULT_MAX_LENGTH, ENCODER_NAME, HIDDEN_SIZE
-from selfcascade.training import EMA, LoopConfig, check_resume, hardware, train_loop
+from selfcascade.training import (EMA, LoopConfig, check_resume, hardware, model_and_ema_writer,
+                                  restore_model_and_ema, train_loop)
 
 logger = logging.getLogger(__name__)
 
@@ -319,8 +320,7 @@ def train(args: argparse.Namespace, dataset=None) -> dict:
     ema = EMA(unet, args.ema_decay)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     if ckpt is not None:
-        ema.shadow = {k: v.to(device) for k, v in load_file(str(ckpt / "ema.safetensors")).items()}
-        load_optimizer(optimizer, ckpt, state)
+        restore_model_and_ema(ckpt, ema, optimizer, state, device)
     state.pop("optimizer", None)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     scheduler = build_scheduler()
@@ -351,18 +351,14 @@ def train(args: argparse.Namespace, dataset=None) -> dict:
         return training_loss(unet, scheduler, images.to(device), hidden.to(device), mask.to(device), g,
                              None if labels is None else labels.to(device))
 
-    def write_weights(folder: Path) -> None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in accelerator.unwrap_model(unet).state_dict().items()},
-                  str(folder / "model.safetensors"))
-        save_file({k: v.cpu().contiguous() for k, v in ema.shadow.items()}, str(folder / "ema.safetensors"))
-
     def on_checkpoint(step: int) -> None:
         if args.export and args.export_every and step % args.export_every == 0:
             export_checkpoint(run_dir, Path(args.export))
 
     loop = LoopConfig(run_dir, args.max_steps, args.lr, args.warmup, args.grad_clip, args.checkpoint_every,
                       0, args.seed, "train-base")
-    train_loop(accelerator, unet, optimizer, loss_fn, loop, state, write_weights, ema, on_checkpoint)
+    train_loop(accelerator, unet, optimizer, loss_fn, loop, state, model_and_ema_writer(accelerator, unet, ema), ema,
+               on_checkpoint)
     if args.export and accelerator.is_main_process:
         export_checkpoint(run_dir, Path(args.export))
     return state

@@ -19,12 +19,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .checkpoints import find_checkpoint, load_optimizer, read_checkpoint_state
+from .checkpoints import find_checkpoint, read_checkpoint_state
 from .commands import add_command, run_module
 from .embedded_sd import (BASE_SIZE, SD15_UNET, build_sd_scheduler, build_sd_unet, encode_prompts, load_text_components,
                           save_sd_folder)
 from .text_encoder import DEFAULT_MAX_LENGTH
-from .training import EMA, LoopConfig, check_resume, hardware, train_loop
+from .training import (EMA, LoopConfig, check_resume, hardware, model_and_ema_writer, restore_model_and_ema,
+                       train_loop)
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +124,7 @@ def train(args: argparse.Namespace, data: LatentData | None = None) -> dict:
     ema = EMA(unet, args.ema_decay)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
     if ckpt is not None:
-        ema.shadow = {k: v.to(device) for k, v in load_file(str(ckpt / "ema.safetensors")).items()}
-        load_optimizer(optimizer, ckpt, state)
+        restore_model_and_ema(ckpt, ema, optimizer, state, device)
     state.pop("optimizer", None)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     scheduler = build_sd_scheduler(args.prediction_type)
@@ -139,14 +139,9 @@ def train(args: argparse.Namespace, data: LatentData | None = None) -> dict:
         return diffusion_loss(unet, scheduler, data.latents[idx].float().to(device), context.float().to(device), g,
                               args.min_snr_gamma)
 
-    def write_weights(folder: Path) -> None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in accelerator.unwrap_model(unet).state_dict().items()},
-                  str(folder / "model.safetensors"))
-        save_file({k: v.cpu().contiguous() for k, v in ema.shadow.items()}, str(folder / "ema.safetensors"))
-
     loop = LoopConfig(run_dir, args.max_steps, args.lr, args.warmup, args.grad_clip, args.checkpoint_every,
                       args.log_every, args.seed, "train-sd")
-    train_loop(accelerator, unet, optimizer, loss_fn, loop, state, write_weights, ema)
+    train_loop(accelerator, unet, optimizer, loss_fn, loop, state, model_and_ema_writer(accelerator, unet, ema), ema)
     if args.export and accelerator.is_main_process:
         export_run(run_dir, Path(args.export))
     return state
@@ -172,7 +167,8 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vae", type=Path, required=True, help="AutoencoderKL folder (`selfcascade train-vae --export`)")
+    parser.add_argument("--vae", type=Path, required=True, 
+                        help="AutoencoderKL folder (`selfcascade train-vae --export`)")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/sd"), help="checkpoints go to RUN_DIR/checkpoint")
     parser.add_argument("--cache-dir", type=Path, default=None, help="data set cache (see `selfcascade data build`)")
     parser.add_argument("--max-steps", type=int, default=20000)

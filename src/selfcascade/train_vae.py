@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .checkpoints import find_checkpoint, load_optimizer, read_checkpoint_state
+from .checkpoints import find_checkpoint, read_checkpoint_state
 from .commands import add_command, run_module
-from .training import EMA, LoopConfig, check_resume, hardware, train_loop
+from .training import (EMA, LoopConfig, check_resume, hardware, model_and_ema_writer, restore_model_and_ema,
+                       train_loop)
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
 
 
-def vae_loss(vae, images: torch.Tensor, generator: torch.Generator, kl_weight: float, edge_weight: float) -> torch.Tensor:
+def vae_loss(vae, images: torch.Tensor, generator: torch.Generator, kl_weight: float,
+             edge_weight: float) -> torch.Tensor:
     """Reconstruction (L1 + edge L1) of a posterior sample, plus the KL to N(0, I)."""
     posterior = vae.encode(images).latent_dist
     noise = torch.randn(posterior.mean.shape, generator=generator).to(images.device)
@@ -131,8 +133,7 @@ def train(args: argparse.Namespace, source: CropSource | None = None) -> dict:
     ema = EMA(vae, args.ema_decay)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
     if ckpt is not None:
-        ema.shadow = {k: v.to(accelerator.device) for k, v in load_file(str(ckpt / "ema.safetensors")).items()}
-        load_optimizer(optimizer, ckpt, state)
+        restore_model_and_ema(ckpt, ema, optimizer, state, accelerator.device)
     state.pop("optimizer", None)
     vae, optimizer = accelerator.prepare(vae, optimizer)
     logger.info("training a %d-parameter VAE on %d px crops, batch %d, on %s",
@@ -142,14 +143,9 @@ def train(args: argparse.Namespace, source: CropSource | None = None) -> dict:
         images = source.batch(args.batch_size, g).to(accelerator.device)
         return vae_loss(vae, images, g, args.kl_weight, args.edge_weight)
 
-    def write_weights(folder: Path) -> None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in accelerator.unwrap_model(vae).state_dict().items()},
-                  str(folder / "model.safetensors"))
-        save_file({k: v.cpu().contiguous() for k, v in ema.shadow.items()}, str(folder / "ema.safetensors"))
-
     loop = LoopConfig(run_dir, args.max_steps, args.lr, args.warmup, args.grad_clip, args.checkpoint_every,
                       args.log_every, args.seed, "train-vae")
-    train_loop(accelerator, vae, optimizer, loss_fn, loop, state, write_weights, ema)
+    train_loop(accelerator, vae, optimizer, loss_fn, loop, state, model_and_ema_writer(accelerator, vae, ema), ema)
     if args.export and accelerator.is_main_process:
         export_vae(run_dir, Path(args.export), source)
     return state

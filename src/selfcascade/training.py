@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoints import optimizer_step, record_loss, step_generator, write_checkpoint
+from safetensors.torch import load_file, save_file
+
+from .checkpoints import load_optimizer, optimizer_step, record_loss, step_generator, write_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,25 @@ class LoopConfig:
     log_every: int = 10          # steps between points of the recorded loss curve
     seed: int = 0
     desc: str = "train"
+
+
+MODEL_FILE, EMA_FILE = "model.safetensors", "ema.safetensors"
+
+
+def model_and_ema_writer(accelerator, model: torch.nn.Module, ema: EMA) -> WriteWeights:
+    """``write_weights`` for a trainer of one model with an EMA: ``model.safetensors`` and ``ema.safetensors``."""
+    def write(folder: Path) -> None:
+        weights = accelerator.unwrap_model(model).state_dict()
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(folder / MODEL_FILE))
+        save_file({k: v.cpu().contiguous() for k, v in ema.shadow.items()}, str(folder / EMA_FILE))
+    return write
+
+
+def restore_model_and_ema(ckpt: Path, ema: EMA, optimizer: torch.optim.Optimizer, state: dict,
+                          device: torch.device) -> None:
+    """Load what ``model_and_ema_writer`` saved into the EMA and the optimizer (the model loads its own)."""
+    ema.shadow = {k: v.to(device) for k, v in load_file(str(ckpt / EMA_FILE)).items()}
+    load_optimizer(optimizer, ckpt, state)
 
 
 def check_resume(state: Mapping, settings: Mapping, run_dir: Path, ignore: tuple[str, ...] = ()) -> None:

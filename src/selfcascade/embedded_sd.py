@@ -71,7 +71,7 @@ def load_text_components(max_length: int = DEFAULT_MAX_LENGTH):
 
     path = _model_path()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, model_max_length=max_length)
-    encoder = BertModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
+    encoder = BertModel.from_pretrained(path, local_files_only=True)
     encoder.config.use_attention_mask = True
     return tokenizer, encoder.eval().requires_grad_(False)
 

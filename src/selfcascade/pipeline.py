@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 Mode = Literal["tuning-free", "direct", "tuned", "attn-sf", "redilate", "hires-fix", "hidiffusion", "demofusion",
                "freescale", "deep-shrink"]
-MODES: tuple[str, ...] = ("tuning-free", "direct", "tuned", *BASELINE_MODES)
+MODES: tuple[str, ...] = ("tuning-free", "direct", "tuned", *BASELINE_MODES, *RIVAL_MODES)
 #: Modes that sample the target in one pass, from noise.
 SINGLE_STAGE_MODES = frozenset({"direct", "attn-sf", "redilate", *SINGLE_STAGE_RIVALS})
 #: Modes for video models: attn-sf and redilate alter attention and convolutions chosen for image UNets
@@ -366,8 +366,10 @@ class SelfCascadePipeline:
 
         start = None
         if image is not None:
-            if mode in SINGLE_STAGE_MODES or mode in RIVAL_MODES:
-                raise ValueError(f"image= is upscaled by the later stages of the cascade; mode={mode!r} does not take it.")
+            if mode in SINGLE_STAGE_MODES:
+                raise ValueError(f"image= is upscaled by the later stages of a cascade; mode={mode!r} has none.")
+            if mode in RIVAL_MODES:
+                raise ValueError(f"image= is upscaled by the cascade's own stages; mode={mode!r} does not take it.")
             start = bb.encode(image.to(bb.device, torch.float32))
 
         # 4. sample every stage (attn-sf, redilate, hidiffusion and deep-shrink alter the UNet for this call only;
@@ -376,7 +378,7 @@ class SelfCascadePipeline:
         if window_attention:
             stage_context = windowed_final_stage(bb.unet, plan.num_stages, stage_context)
         sampler = rival_sampler(mode) or sample_cascade
-        with baseline_context(mode, bb.unet, plan, num_train_timesteps), rival_context(mode, bb, num_inference_steps):
+        with baseline_context(mode, bb.unet, plan, num_train_timesteps), rival_context(mode, bb, num_inference_steps, seeds[0]):
             result = sampler(
                 bb, plan, embeds, generators, num_inference_steps=num_inference_steps, k=k,
                 guidance_scales=guidance, pivot_space=pivot_space, callback=callback, progress=progress,

@@ -26,7 +26,7 @@ __all__ = [
     "baseline_context", "redilated", "redilation_factor", "scaled_self_attention", "strength_to_k",
 ]
 
-BASELINE_MODES: tuple[str, ...] = ("attn-sf", "redilate", "hires-fix", *RIVAL_MODES)
+BASELINE_MODES: tuple[str, ...] = ("attn-sf", "redilate", "hires-fix")
 
 
 def baseline_context(mode: str, unet: nn.Module, plan: ScalePlan, num_train_timesteps: int) -> ContextManager:

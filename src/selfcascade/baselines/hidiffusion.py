@@ -9,7 +9,9 @@ module), so the UNet is as it was.
 
 The package recognises SD 1.5/2.1-base and SDXL by the set of their UNet's module names (any widths), and its
 blocks read the number of sampling steps from ``pipe._num_timesteps``, which diffusers' own ``__call__``
-sets; the harness calls the UNet directly, so it sets that attribute for the call.
+sets; the harness calls the UNet directly, so it sets that attribute for the call. MSW-MSA draws each call's
+window shift from torch's global CPU generator (``torch.rand(1)``); the call runs in a forked generator seeded
+with the first image's seed, so a seed gives the same image and the caller's generator state is untouched.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -54,8 +57,9 @@ def _import_hidiffusion() -> Any:
 
 
 @contextmanager
-def hidiffusion_applied(pipe: Any, num_inference_steps: int) -> Iterator[None]:
-    """Patch ``pipe``'s UNet with HiDiffusion (package defaults) for ``num_inference_steps``-step sampling.
+def hidiffusion_applied(pipe: Any, num_inference_steps: int, seed: int) -> Iterator[None]:
+    """Patch ``pipe``'s UNet with HiDiffusion (package defaults) for ``num_inference_steps``-step sampling; its
+    window shifts draw from torch's CPU generator, seeded with ``seed`` in a fork.
 
     Raises a ValueError naming the supported layouts if the package does not recognise the UNet.
     """
@@ -82,7 +86,9 @@ def hidiffusion_applied(pipe: Any, num_inference_steps: int) -> Iterator[None]:
             ) from error
         pipe._num_timesteps = num_inference_steps
         logger.info("hidiffusion applied (RAU-Net + MSW-MSA, package defaults) for %d steps", num_inference_steps)
-        yield
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
     finally:
         hidiffusion.remove_hidiffusion(pipe)
         if unnamed:

@@ -34,14 +34,15 @@ def rival_plan(mode: str, base: tuple[int, int], height: int, width: int, multip
     return demofusion_plan(base, height, width, multiple) if mode == "demofusion" else None
 
 
-def rival_context(mode: str, backbone: Any, num_inference_steps: int) -> ContextManager:
-    """What a one-pass rival changes in the UNet for the call (nothing for the other modes)."""
+def rival_context(mode: str, backbone: Any, num_inference_steps: int, seed: int) -> ContextManager:
+    """What a one-pass rival changes in the UNet for the call (nothing for the other modes); ``seed`` seeds
+    hidiffusion's own random draws."""
     if mode == "hidiffusion":
         pipe = getattr(backbone, "pipe", None)
         if pipe is None:
             raise ValueError(f"mode='hidiffusion' patches a diffusers pipeline; {backbone.name} is not one "
                              "(use an SD 1.5/2.1 or SDXL pipeline).")
-        return hidiffusion_applied(pipe, num_inference_steps)
+        return hidiffusion_applied(pipe, num_inference_steps, seed)
     if mode == "deep-shrink":
         return deep_shrink(backbone.unet, backbone.scheduler.config.num_train_timesteps)
     return nullcontext()

@@ -12,7 +12,8 @@ from typing import Any, Sequence
 from .plan import DEFAULT_MAX_RATIO, make_plan
 
 #: Every value of ``SelfCascadePipeline.__call__(mode=...)`` (kept here so --help needs no torch import).
-MODES = ["tuning-free", "direct", "tuned", "attn-sf", "redilate", "hires-fix"]
+MODES = ["tuning-free", "direct", "tuned", "attn-sf", "redilate", "hires-fix", "hidiffusion", "demofusion", "freescale",
+         "deep-shrink"]
 #: The modes video models accept (``selfcascade.pipeline.VIDEO_MODES``).
 VIDEO_MODES = ["tuning-free", "direct", "tuned", "hires-fix"]
 
@@ -121,6 +122,10 @@ _MODE_HELP = {
     "tuned": "the cascade with --upsamplers", "attn-sf": "direct with attention scaled as Jin et al. 2023",
     "redilate": "direct with ScaleCrafter's dilated convolutions",
     "hires-fix": "base sample, upscale, img2img at --strength",
+    "hidiffusion": "direct with the hidiffusion package applied (SD 1.5/2.1/SDXL pipelines)",
+    "demofusion": "DemoFusion: progressive upscaling, skip residuals, dilated and patch denoising",
+    "freescale": "FreeScale: cascade with skip residuals, restrained dilation, scale fusion",
+    "deep-shrink": "direct with the deep levels at half size for the first 35%% of steps (Kohya)",
 }
 
 
@@ -166,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     _add_sampling_args(g, MODES)
     g.add_argument("--save-stages", action="store_true", help="also write every stage's image (-stageN.png)")
+    g.add_argument("--window-attention", action="store_true",
+                   help="cascade modes: the final stage's top-level self-attention in shifted 2x2 windows (HiDiffusion's MSW-MSA)")
     g.add_argument("-o", "--output", default="outputs/out.png",
                    help="PNG path; several seeds write NAME-SEED.png")
 
@@ -291,7 +298,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(args, cascade, height, width, guidance, plan, paths)
     logger.info("%s", plan)
-    result = cascade(args.prompt, height, width, return_stages=args.save_stages, **_sampling_kwargs(args, guidance))
+    result = cascade(args.prompt, height, width, return_stages=args.save_stages, window_attention=args.window_attention,
+                     **_sampling_kwargs(args, guidance))
     for i, (seed, path) in enumerate(zip(result.seeds, paths)):
         save_png(result.images[i], path, result.settings, seed)
         print(path)

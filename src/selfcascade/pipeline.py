@@ -27,20 +27,24 @@ from PIL import Image
 
 from .backbones import Backbone, backbone_from_pipe
 from .baselines import BASELINE_MODES, baseline_context, hires_fix
+from .baselines.rivals import (FULL_SCHEDULE_RIVALS, RIVAL_MODES, RIVAL_PIVOT_SPACE, SINGLE_STAGE_RIVALS, rival_context,
+                               rival_plan, rival_sampler)
 from .cascade import PivotSpace, StepCallback, check_scheduler, resolve_k, sample_cascade
 from .plan import DEFAULT_MAX_RATIO, ScalePlan, make_plan
 from .unet_features import tuned_stage_context
+from .window_attention import windowed_final_stage
 from .upsamplers import UpsamplerBank, load_bank
 
 logger = logging.getLogger(__name__)
 
-Mode = Literal["tuning-free", "direct", "tuned", "attn-sf", "redilate", "hires-fix"]
-MODES: tuple[str, ...] = ("tuning-free", "direct", "tuned", *BASELINE_MODES)
+Mode = Literal["tuning-free", "direct", "tuned", "attn-sf", "redilate", "hires-fix", "hidiffusion", "demofusion",
+               "freescale", "deep-shrink"]
+MODES: tuple[str, ...] = ("tuning-free", "direct", "tuned", *BASELINE_MODES, *RIVAL_MODES)
 #: Modes that sample the target in one pass, from noise.
-SINGLE_STAGE_MODES = frozenset({"direct", "attn-sf", "redilate"})
+SINGLE_STAGE_MODES = frozenset({"direct", "attn-sf", "redilate", *SINGLE_STAGE_RIVALS})
 #: Modes for video models: attn-sf and redilate alter attention and convolutions chosen for image UNets
 #: (attn-sf would also rescale the temporal attention over frames).
-VIDEO_MODES: tuple[str, ...] = tuple(m for m in MODES if m not in ("attn-sf", "redilate"))
+VIDEO_MODES: tuple[str, ...] = tuple(m for m in MODES if m not in ("attn-sf", "redilate", *RIVAL_MODES))
 #: A bank, its folder or hub id; or one per stage r >= 1 (None: that stage runs tuning-free).
 Upsamplers = UpsamplerBank | str | os.PathLike | Sequence["UpsamplerBank | str | os.PathLike | None"]
 OutputType = Literal["pil", "np", "pt", "latent"]
@@ -169,10 +173,12 @@ class SelfCascadePipeline:
     # ------------------------------------------------------------------------------ helpers
     def plan(self, height: int, width: int, mode: Mode = "tuning-free") -> ScalePlan:
         """The stage sizes a call with this target would use."""
-        return make_plan(
-            self.backbone.base_size, height, width, multiple=self.backbone.size_multiple,
+        bb = self.backbone
+        plan = make_plan(
+            bb.base_size, height, width, multiple=bb.size_multiple,
             max_ratio=self.max_ratio, single_stage=mode in SINGLE_STAGE_MODES, single_jump=mode == "hires-fix",
         )
+        return rival_plan(mode, bb.base_size, height, width, bb.size_multiple) or plan
 
     def weights_fingerprint(self, height: int, width: int, mode: Mode = "tuning-free",
                             upsamplers: Upsamplers | None = None) -> str:
@@ -288,6 +294,7 @@ class SelfCascadePipeline:
         progress: bool = True,
         upsamplers: Upsamplers | None = None,
         image: torch.Tensor | None = None,
+        window_attention: bool = False,
     ) -> CascadeOutput:
         """Generate ``height x width`` images or clips (default: 2x the base size per side, 4x pixels).
 
@@ -305,6 +312,8 @@ class SelfCascadePipeline:
         stage after the first; a bank shaped for another model raises a ValueError.
         ``image``: upscale this instead of sampling stage 0: [B, 3, H, W] (video: [B, 3, F, H, W]) in [0, 1] at
         the plan's first size (the model's base size), one per prompt and image.
+        ``window_attention``: the cascade's final stage runs its top-level self-attention in shifted 2x2 windows
+        (HiDiffusion's MSW-MSA; ``selfcascade.window_attention``).
         """
         bb = self.backbone
         # 1. check inputs and resolve defaults
@@ -328,8 +337,11 @@ class SelfCascadePipeline:
             if strength is not None:
                 raise ValueError(f"strength only applies to mode='hires-fix', got mode={mode!r} "
                                  "(the cascade's equivalent is noise_level).")
-            k = resolve_k(num_train_timesteps, K, noise_level, default=bb.default_k)
-            pivot_space = pivot_space or "latent"
+            if mode in FULL_SCHEDULE_RIVALS and (K is not None or noise_level is not None):
+                raise ValueError(f"mode={mode!r} re-noises every stage fully (K = T); it takes no K or noise_level.")
+            k = (num_train_timesteps if mode in FULL_SCHEDULE_RIVALS
+                 else resolve_k(num_train_timesteps, K, noise_level, default=bb.default_k))
+            pivot_space = pivot_space or RIVAL_PIVOT_SPACE.get(mode, "latent")
         guidance = (bb.stage_guidance(plan.num_stages) if guidance_scale is None
                     else self._guidance(guidance_scale, plan.num_stages))
         batch = len(prompts) * num_images_per_prompt
@@ -338,6 +350,9 @@ class SelfCascadePipeline:
         if upsamplers is not None and mode != "tuned":
             raise ValueError(f"upsamplers only apply to mode='tuned', got mode={mode!r}.")
         banks = self._stage_banks(upsamplers, plan) if mode == "tuned" else None
+        if window_attention and (mode not in ("tuning-free", "tuned") or plan.num_stages < 2):
+            raise ValueError("window_attention windows the final stage of a cascade: use mode='tuning-free' or "
+                             f"'tuned' with a target above the base size, not mode={mode!r} at {height}x{width}.")
 
         # 2. encode the prompt once for all stages
         do_cfg = any(g > 1.0 for g in guidance)
@@ -353,15 +368,21 @@ class SelfCascadePipeline:
         if image is not None:
             if mode in SINGLE_STAGE_MODES:
                 raise ValueError(f"image= is upscaled by the later stages of a cascade; mode={mode!r} has none.")
+            if mode in RIVAL_MODES:
+                raise ValueError(f"image= is upscaled by the cascade's own stages; mode={mode!r} does not take it.")
             start = bb.encode(image.to(bb.device, torch.float32))
 
-        # 4. sample every stage (the attn-sf and redilate baselines alter the UNet for this call only)
-        with baseline_context(mode, bb.unet, plan, num_train_timesteps):
-            result = sample_cascade(
+        # 4. sample every stage (attn-sf, redilate, hidiffusion and deep-shrink alter the UNet for this call only;
+        #    demofusion and freescale bring their own step loop)
+        stage_context = tuned_stage_context(bb.unet, banks) if banks is not None else None
+        if window_attention:
+            stage_context = windowed_final_stage(bb.unet, plan.num_stages, stage_context)
+        sampler = rival_sampler(mode) or sample_cascade
+        with baseline_context(mode, bb.unet, plan, num_train_timesteps), rival_context(mode, bb, num_inference_steps, seeds[0]):
+            result = sampler(
                 bb, plan, embeds, generators, num_inference_steps=num_inference_steps, k=k,
                 guidance_scales=guidance, pivot_space=pivot_space, callback=callback, progress=progress,
-                stage_context=tuned_stage_context(bb.unet, banks) if banks is not None else None,
-                num_frames=num_frames, start_latents=start,
+                stage_context=stage_context, num_frames=num_frames, start_latents=start,
             )
 
         # 5. decode
@@ -381,6 +402,8 @@ class SelfCascadePipeline:
         }
         if num_frames is not None:
             settings["num_frames"] = num_frames
+        if window_attention:
+            settings["window_attention"] = True
         if mode == "hires-fix":
             settings["strength"] = strength
         if banks is not None:

@@ -43,6 +43,7 @@ __all__ = [
     "TINY_VOCAB_SIZE",
     "make_tiny_tokenizer",
     "make_tiny_sd",
+    "make_tiny_sd15",
     "make_tiny_sdxl",
     "make_tiny_video",
     "VIDEO_BASE_PX",
@@ -51,6 +52,7 @@ __all__ = [
 
 BASE_PX = 32  # native image side of the tiny image pipelines, in pixels
 VIDEO_BASE_PX = 16  # native frame side of the tiny video pipeline, in pixels
+SD15_BASE_PX = 32  # native image side of the SD-1.5-shaped tiny pipeline (16x16 latents), in pixels
 LATENT_PX = 16  # UNet sample_size (latent side)
 SIZE_MULTIPLE = 4  # every image side must be a multiple of this (vae 2 x one UNet downsampling)
 TEXT_HIDDEN = 32  # CLIP hidden size (= SD cross_attention_dim)
@@ -197,6 +199,38 @@ def make_tiny_sd(prediction_type: str = "epsilon", seed: int = 0) -> StableDiffu
         safety_checker=None,
         feature_extractor=None,
         image_encoder=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to("cpu")
+
+
+def make_tiny_sd15(seed: int = 0) -> StableDiffusionPipeline:
+    """Tiny random pipeline with Stable Diffusion 1.5's UNet layout (module names), native ``SD15_BASE_PX`` px.
+
+    SD 1.5's topology (three cross-attention levels and a plain one, two layers per block, a cross-attention
+    mid block) at widths (32, 64, 96, 96), so tools that recognise SD 1.5 by its UNet's module names
+    (HiDiffusion) run on it. Sides must be a multiple of 16 px (VAE 2 x three downsamplings).
+    """
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=SD15_BASE_PX // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 96, 96),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=2,
+        norm_num_groups=32,
+    )
+    vae = _tiny_vae(seed)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_text_config())
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=make_tiny_tokenizer(), unet=unet,
+        scheduler=_sd_scheduler("epsilon"), safety_checker=None, feature_extractor=None, image_encoder=None,
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)

@@ -2,7 +2,8 @@
 
 - ``attn-sf``: direct inference with self-attention logits rescaled (Jin et al. 2023), ``attn_sf``;
 - ``redilate``: direct inference with ScaleCrafter's re-dilated convolutions (He et al. 2023), ``redilation``;
-- ``hires-fix``: base sample, pixel upscale, img2img at the target, ``hires_fix``.
+- ``hires-fix``: base sample, pixel upscale, img2img at the target, ``hires_fix``;
+- the rivals ``hidiffusion``, ``demofusion``, ``freescale``, ``deep-shrink``: ``rivals``.
 
 The first two change the UNet only inside a context manager around the sampling, which restores it.
 """
@@ -18,9 +19,10 @@ from ..plan import ScalePlan
 from .attn_sf import ScaledSelfAttnProcessor, scaled_self_attention
 from .hires_fix import DEFAULT_STRENGTH, strength_to_k
 from .redilation import REDILATE_ABOVE, UNDILATED_LEVELS, redilated, redilation_factor
+from .rivals import RIVAL_MODES
 
 __all__ = [
-    "BASELINE_MODES", "DEFAULT_STRENGTH", "REDILATE_ABOVE", "UNDILATED_LEVELS", "ScaledSelfAttnProcessor",
+    "BASELINE_MODES", "DEFAULT_STRENGTH", "RIVAL_MODES", "REDILATE_ABOVE", "UNDILATED_LEVELS", "ScaledSelfAttnProcessor",
     "baseline_context", "redilated", "redilation_factor", "scaled_self_attention", "strength_to_k",
 ]
 

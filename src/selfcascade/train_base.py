@@ -36,7 +36,7 @@ from selfcascade.checkpoints import find_checkpoint, read_checkpoint_state
 from selfcascade.commands import add_command, run_module
 from selfcascade.data.emoji import STYLES
 from selfcascade.text_encoder import DEFAULT_MAX_LENGTH, ENCODER_NAME, HIDDEN_SIZE
-from selfcascade.training import (EMA, LoopConfig, check_resume, hardware, model_and_ema_writer,
+from selfcascade.training import (EMA, LoopConfig, check_resume, hardware, latest_ema, model_and_ema_writer,
                                   restore_model_and_ema, train_loop)
 
 logger = logging.getLogger(__name__)
@@ -205,11 +205,8 @@ def export_model(out_dir: Path, unet_config: dict, weights: dict[str, torch.Tens
 
 def export_checkpoint(run_dir: Path, out_dir: Path) -> Path:
     """Export the EMA weights of the latest checkpoint in ``run_dir``."""
-    ckpt = find_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint under {run_dir}; train first with `selfcascade train-base`")
-    state = read_checkpoint_state(ckpt)
-    return export_model(out_dir, state["unet_config"], load_file(str(ckpt / "ema.safetensors")), _card_info(state))
+    state, weights = latest_ema(run_dir, "train-base")
+    return export_model(out_dir, state["unet_config"], weights, _card_info(state))
 
 
 def _card_info(state: dict) -> dict:

@@ -24,8 +24,8 @@ from .commands import add_command, run_module
 from .embedded_sd import (BASE_SIZE, SD15_UNET, build_sd_scheduler, build_sd_unet, encode_prompts, load_text_components,
                           save_sd_folder)
 from .text_encoder import DEFAULT_MAX_LENGTH
-from .training import (EMA, LoopConfig, check_resume, hardware, model_and_ema_writer, restore_model_and_ema,
-                       train_loop)
+from .training import (EMA, LoopConfig, check_resume, hardware, latest_ema, model_and_ema_writer,
+                       restore_model_and_ema, train_loop)
 
 logger = logging.getLogger(__name__)
 
@@ -151,18 +151,12 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
     """The EMA UNet of the latest checkpoint, with its VAE, MiniLM and SD's scheduler, as a stock SD folder."""
     from diffusers import AutoencoderKL
 
-    ckpt = find_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint under {run_dir}; train first with `selfcascade train-sd`")
-    state = read_checkpoint_state(ckpt)
+    state, weights = latest_ema(run_dir, "train-sd")
     settings = state["args"]
     unet = build_sd_unet(settings["unet_config"])
-    unet.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
+    unet.load_state_dict(weights)
     folder = save_sd_folder(out_dir, unet, AutoencoderKL.from_pretrained(settings["vae"]), settings["max_length"],
-                            build_sd_scheduler(settings["prediction_type"]))
-    (folder / "train_state.json").write_text(json.dumps(
-        {"train_steps": state["step"], "train_seconds": round(state["train_seconds"]),
-         "hardware": state.get("hardware", ""), "loss": state.get("loss"), **settings}, indent=1) + "\n")
+                            build_sd_scheduler(settings["prediction_type"]), state)
     return folder
 
 

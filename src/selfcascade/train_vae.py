@@ -25,8 +25,8 @@ from safetensors.torch import load_file
 
 from .checkpoints import find_checkpoint, read_checkpoint_state
 from .commands import add_command, run_module
-from .training import (EMA, LoopConfig, check_resume, hardware, model_and_ema_writer, restore_model_and_ema,
-                       train_loop)
+from .training import (EMA, LoopConfig, check_resume, hardware, latest_ema, model_and_ema_writer,
+                       restore_model_and_ema, train_loop, write_train_summary)
 
 logger = logging.getLogger(__name__)
 
@@ -162,21 +162,16 @@ def export_vae(run_dir: Path, out_dir: Path, source: CropSource, count: int = 25
     """The EMA weights of the latest checkpoint as a diffusers folder, with the data's scaling factor."""
     from .io import atomic_dir
 
-    ckpt = find_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint under {run_dir}; train first with `selfcascade train-vae`")
-    state = read_checkpoint_state(ckpt)
+    state, weights = latest_ema(run_dir, "train-vae")
     vae = build_vae(state["args"]["vae_config"])
-    vae.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
+    vae.load_state_dict(weights)
     vae.eval()
     g = torch.Generator().manual_seed(0)
     scale = latent_scaling_factor(vae, torch.cat([source.batch(32, g) for _ in range(max(1, count // 32))]))
     vae.register_to_config(scaling_factor=round(scale, 5))
     with atomic_dir(out_dir) as tmp:
         vae.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "train_state.json").write_text(json.dumps(
-            {"train_steps": state["step"], "train_seconds": round(state["train_seconds"]),
-             "hardware": state.get("hardware", ""), "loss": state.get("loss"), **state["args"]}, indent=1) + "\n")
+        write_train_summary(tmp, state)
     logger.info("exported VAE (scaling factor %.4f) to %s", scale, out_dir)
     return out_dir
 

@@ -8,6 +8,7 @@ settings other than the ones it was started with (``check_resume``).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -19,7 +20,8 @@ from tqdm import tqdm
 
 from safetensors.torch import load_file, save_file
 
-from .checkpoints import load_optimizer, optimizer_step, record_loss, step_generator, write_checkpoint
+from .checkpoints import (find_checkpoint, load_optimizer, optimizer_step, read_checkpoint_state, record_loss,
+                          step_generator, write_checkpoint)
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +78,21 @@ def restore_model_and_ema(ckpt: Path, ema: EMA, optimizer: torch.optim.Optimizer
     """Load what ``model_and_ema_writer`` saved into the EMA and the optimizer (the model loads its own)."""
     ema.shadow = {k: v.to(device) for k, v in load_file(str(ckpt / EMA_FILE)).items()}
     load_optimizer(optimizer, ckpt, state)
+
+
+def latest_ema(run_dir: Path, command: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(state, EMA weights) of a run's latest checkpoint, for export; ``command`` names the trainer to run first."""
+    ckpt = find_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint under {run_dir}; train first with `selfcascade {command}`")
+    return read_checkpoint_state(ckpt), load_file(str(ckpt / EMA_FILE))
+
+
+def write_train_summary(folder: Path, state: dict) -> None:
+    """``train_state.json`` beside exported weights: steps, wall time, hardware, final loss and the run's settings."""
+    summary = {"train_steps": state["step"], "train_seconds": round(state["train_seconds"]),
+               "hardware": state.get("hardware", ""), "loss": state.get("loss"), **state["args"]}
+    (folder / "train_state.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 
 def check_resume(state: Mapping, settings: Mapping, run_dir: Path, ignore: tuple[str, ...] = ()) -> None:

@@ -392,3 +392,38 @@ def test_weights_fingerprint_follows_the_unet_and_the_banks(tiny_sd_fresh):
     with torch.no_grad():
         cascade.backbone.unet.conv_out.weight.add_(1e-3)  # one small training-like step on a layer
     assert cascade.weights_fingerprint(64, 64) != before
+
+
+# ------------------------------------------------------------------- a model folder's own settings
+def test_model_folder_settings_and_scale_cue(tmp_path):
+    """``selfcascade.json`` beside a stock folder sets K and guidance; its scale cue changes the prompt of the
+    stages above the base size only (stage 0 is the plain prompt, as without a cue)."""
+    import json
+
+    from selfcascade.testing import save_tiny_sd
+
+    folder = save_tiny_sd(tmp_path / "pipe")
+    plain = SelfCascadePipeline.from_pretrained(folder, device="cpu")
+    (folder / "selfcascade.json").write_text(json.dumps(
+        {"K": 300, "guidance_scale": 5.0, "refine_guidance_scale": 1.0, "zoom_cue": "{prompt}, {zoom}x zoom",
+         "zoom_factors": [2, 4]}))
+    cued = SelfCascadePipeline.from_pretrained(folder, device="cpu")
+    bb = cued.backbone
+    assert (bb.default_k, bb.stage_guidance(2)) == (300, [5.0, 1.0])
+    assert [bb.stage_zoom(s, s) for s in (32, 40, 64, 128, 256)] == [1, 1, 2, 4, 4]
+    assert plain.backbone.stage_zoom(64, 64) == 1
+    kwargs = dict(K=300, guidance_scale=[5.0, 1.0], return_stages=True)
+    a = plain(PROMPT, 64, 64, seed=0, output_type="np", **FAST, **kwargs)
+    b = cued(PROMPT, 64, 64, seed=0, output_type="np", **FAST, **kwargs)
+    assert b.settings["zoom_cue"] == "{prompt}, {zoom}x zoom" and "zoom_cue" not in a.settings
+    np.testing.assert_array_equal(a.stages[0], b.stages[0])
+    assert np.abs(a.images - b.images).max() > 1e-4
+    # the cued stage is the plain model upscaling the same pivot with the cued prompt
+    pivot = torch.from_numpy(a.stages[0]).permute(0, 3, 1, 2)
+    kwargs.pop("return_stages")
+    by_hand = plain(f"{PROMPT}, 2x zoom", 64, 64, seed=0, output_type="np", image=pivot, **FAST, **kwargs)
+    by_cue = cued(PROMPT, 64, 64, seed=0, output_type="np", image=pivot, **FAST, **kwargs)
+    np.testing.assert_allclose(by_hand.images, by_cue.images, atol=1e-6)
+    bb.zoom_cue = None  # a cue can be switched off per pipeline
+    np.testing.assert_allclose(cued(PROMPT, 64, 64, seed=0, output_type="np", **FAST, **kwargs).images, a.images,
+                               atol=1e-6)

@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -77,3 +78,35 @@ def test_min_snr_weighting_changes_the_loss(prediction_type: str) -> None:
     plain = train_sd.diffusion_loss(unet, scheduler, latents, context, torch.Generator().manual_seed(1))
     weighted = train_sd.diffusion_loss(unet, scheduler, latents, context, torch.Generator().manual_seed(1), 5.0)
     assert torch.isfinite(weighted) and not torch.isclose(plain, weighted)
+
+
+def test_batches_draw_zoomed_windows_with_their_cue_states() -> None:
+    latents, context = torch.zeros(5, 4, 2, 2), torch.zeros(5, 3, 8)
+    data = train_sd.LatentData(latents.half(), context.half(), torch.zeros(3, 8),
+                               torch.ones(4, 4, 2, 2).half(), torch.ones(4, 3, 8).half())
+    g = torch.Generator().manual_seed(0)
+    whole, _ = train_sd.sample_batch(data, 64, 0.0, g)
+    assert whole.abs().sum() == 0
+    mixed, mixed_context = train_sd.sample_batch(data, 64, 0.5, g)
+    zoomed = mixed.flatten(1).amax(1) == 1
+    assert 10 < int(zoomed.sum()) < 54  # about half the batch
+    assert torch.equal(mixed_context.flatten(1).amax(1) == 1, zoomed)  # each window keeps its own caption states
+
+
+def test_zoom_windows_are_crops_of_the_larger_renders_with_the_scale_cue(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from selfcascade.data.emoji import image_path
+
+    records = [{"id": f"e{i}", "caption": f"emoji {i}"} for i in range(3)]
+    for r in records:
+        path = image_path(tmp_path, 16, r["id"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = (torch.arange(16 * 16 * 3) % 251).reshape(16, 16, 3).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(path)
+    chunks = list(train_sd.zoom_windows(tmp_path, records, [2], count=2, seed=0, size=8))
+    windows, captions = chunks[0]
+    assert windows.shape == (2, 3, 8, 8) and captions[0].endswith(", 2x zoom")
+    big = torch.from_numpy(np.asarray(Image.open(image_path(tmp_path, 16, "e0")))).permute(2, 0, 1)
+    crops = {(y, x) for y in range(9) for x in range(9) if torch.equal(big[:, y:y + 8, x:x + 8], windows[0])}
+    assert crops, "a window must be an exact crop of the 2x render"

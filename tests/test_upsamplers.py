@@ -228,14 +228,16 @@ def test_two_process_cpu_run(tiny_sd_dir, caption_folder, tmp_path):
 def test_embedded_tuned_mode_defaults_to_the_banks_shipped_beside_the_model(tmp_path):
     from diffusers import DDPMScheduler
 
-    from selfcascade.backbones.embedded import BANKS_DIR, EmbeddedBackbone
+    from selfcascade.backbones.base import BANKS_DIR
+    from selfcascade.backbones.embedded import EmbeddedBackbone
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
                                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
                                 cross_attention_dim=8, attention_head_dim=4, norm_num_groups=4)
-    bb = EmbeddedBackbone(unet, DDPMScheduler(), text_encoder=None, name=str(tmp_path))
+    bb = EmbeddedBackbone(unet, DDPMScheduler(), text_encoder=None)
+    bb.use_model_folder(tmp_path)
     assert bb.default_banks([(16, 16)]) is None
     for side in (16, 32):
         bank = UpsamplerBank.for_unet(unet)

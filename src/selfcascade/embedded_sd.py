@@ -28,6 +28,12 @@ logger = logging.getLogger(__name__)
 
 #: Base size in pixels (16x16 latents through the 8x VAE).
 BASE_SIZE = 128
+#: The scale cue: words after the prompt that say the canvas shows its object ``zoom`` times larger than a
+#: base-size image does. Training labels zoomed windows with it; a cascade stage (or a user of a stock
+#: pipeline) adds it to the prompt, so the cue needs nothing a stock SD pipeline lacks.
+ZOOM_CUE = "{prompt}, {zoom}x zoom"
+
+
 #: SD 1.5's topology: three cross-attention down blocks and a plain one, two layers each, mid attention.
 SD15_UNET: dict = {
     "sample_size": BASE_SIZE // 8,

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from .backbones import Backbone, backbone_from_pipe
+from .backbones.base import zoom_prompt
 from .baselines import BASELINE_MODES, baseline_context, hires_fix
 from .baselines.rivals import (FULL_SCHEDULE_RIVALS, RIVAL_MODES, RIVAL_PIVOT_SPACE, SINGLE_STAGE_RIVALS, rival_context,
                                rival_plan, rival_sampler)
@@ -354,9 +355,12 @@ class SelfCascadePipeline:
             raise ValueError("window_attention windows the final stage of a cascade: use mode='tuning-free' or "
                              f"'tuned' with a target above the base size, not mode={mode!r} at {height}x{width}.")
 
-        # 2. encode the prompt once for all stages
+        # 2. encode the prompt once for all stages (and once per zoom for a model trained with a scale cue)
         do_cfg = any(g > 1.0 for g in guidance)
         embeds = bb.encode_prompt(prompts, negatives, num_images_per_prompt, do_cfg)
+        for zoom in sorted({bb.stage_zoom(h, w) for h, w in plan.stages} - {1}):
+            embeds.zoomed[zoom] = bb.encode_prompt([zoom_prompt(p, zoom, bb.zoom_cue) for p in prompts], negatives,
+                                                   num_images_per_prompt, do_cfg)
 
         # 3. one generator per image per stage
         gen_device = "cpu" if bb.device.type == "mps" else bb.device
@@ -400,6 +404,8 @@ class SelfCascadePipeline:
             "scheduler": type(bb.scheduler).__name__, "stages": [list(s) for s in plan.stages],
             "prompt": prompts, "negative_prompt": negatives,
         }
+        if embeds.zoomed:
+            settings["zoom_cue"] = bb.zoom_cue
         if num_frames is not None:
             settings["num_frames"] = num_frames
         if window_attention:

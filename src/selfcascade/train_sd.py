@@ -12,17 +12,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
+from .backbones.base import zoom_prompt
 from .checkpoints import find_checkpoint, read_checkpoint_state
 from .commands import add_command, run_module
 from .embedded_sd import (BASE_SIZE, SD15_UNET, build_sd_scheduler, build_sd_unet, encode_prompts, load_text_components,
-                          save_sd_folder)
+                          ZOOM_CUE, save_sd_folder)
+from .io import atomic_path
 from .text_encoder import DEFAULT_MAX_LENGTH
 from .training import (EMA, LoopConfig, check_resume, hardware, latest_ema, model_and_ema_writer,
                        restore_model_and_ema, train_loop)
@@ -31,29 +35,68 @@ logger = logging.getLogger(__name__)
 
 
 class LatentData:
-    """Latents [N, 4, h, w], caption states [N, L, 384] and the empty prompt's states [L, 384]."""
+    """Latents [N, 4, h, w] with caption states [N, L, 384], the empty prompt's states [L, 384], and a pool of
+    zoomed windows (latents [M, 4, h, w], states of their captions with the scale cue; M may be 0)."""
 
-    def __init__(self, latents: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor) -> None:
+    def __init__(self, latents: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor,
+                 zoom_latents: torch.Tensor | None = None, zoom_context: torch.Tensor | None = None) -> None:
         self.latents, self.context, self.uncond = latents, context, uncond
+        self.zoom_latents = zoom_latents if zoom_latents is not None else latents[:0]
+        self.zoom_context = zoom_context if zoom_context is not None else context[:0]
 
     def __len__(self) -> int:
         return len(self.latents)
 
 
 @torch.no_grad()
-def encode_dataset(vae, images: torch.Tensor, captions: Sequence[str], max_length: int = DEFAULT_MAX_LENGTH,
-                   batch_size: int = 64) -> LatentData:
-    """uint8 images [N, 3, S, S] and their captions -> ``LatentData`` (fp16 storage, fp32 batches)."""
-    device = vae.device
+def encode_images(vae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """uint8 images [N, 3, S, S] -> fp16 latents (the posterior's mode times the VAE's scaling factor)."""
     latents = []
     for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(device).float() / 127.5 - 1.0
+        x = images[i:i + batch_size].to(vae.device).float() / 127.5 - 1.0
         latents.append((vae.encode(x).latent_dist.mode() * vae.config.scaling_factor).half().cpu())
+    return torch.cat(latents)
+
+
+@torch.no_grad()
+def encode_captions(captions: Sequence[str], max_length: int = DEFAULT_MAX_LENGTH,
+                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp16 states [N, L, 384] of the captions, fp32 states [L, 384] of the empty prompt), as the stock
+    pipeline encodes them."""
     tokenizer, encoder = load_text_components(max_length)
     encoder.to(device)
     context = torch.cat([encode_prompts(tokenizer, encoder, captions[i:i + 256]).half().cpu()
                          for i in range(0, len(captions), 256)])
-    return LatentData(torch.cat(latents), context, encode_prompts(tokenizer, encoder, [""])[0].cpu())
+    return context, encode_prompts(tokenizer, encoder, [""])[0].float().cpu()
+
+
+def encode_dataset(vae, images: torch.Tensor, captions: Sequence[str], max_length: int = DEFAULT_MAX_LENGTH,
+                   batch_size: int = 64) -> LatentData:
+    """uint8 images [N, 3, S, S] and their captions -> ``LatentData`` (fp16 storage, fp32 batches)."""
+    context, uncond = encode_captions(captions, max_length, vae.device)
+    return LatentData(encode_images(vae, images, batch_size), context, uncond)
+
+
+def zoom_windows(cache_dir: Path, records: list[dict], factors: Sequence[int], count: int, seed: int,
+                 size: int = BASE_SIZE) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """Chunks of (uint8 ``size``-px windows of renders ``factor`` times larger, captions with the scale cue).
+
+    For each factor, ``count`` records drawn by ``seed`` give one window each at a seeded random offset: the
+    parts of an emoji at ``factor``x their usual scale, which is what a cascade stage at ``factor``x the base
+    side asks the model to denoise. Renders are read in chunks, so large ones never sit in memory together.
+    """
+    from .data.loader import load_images
+
+    g = torch.Generator().manual_seed(seed)
+    for factor in factors:
+        chosen = torch.randperm(len(records), generator=g)[:count].tolist()
+        for i in tqdm(range(0, len(chosen), 64), desc=f"zoom {factor}x windows", unit="chunk", mininterval=5):
+            chunk = [records[j] for j in chosen[i:i + 64]]
+            big = load_images(cache_dir, chunk, size * factor, None, progress=False)
+            span = size * (factor - 1) + 1
+            ys, xs = torch.randint(0, span, (2, len(chunk)), generator=g).tolist()
+            yield (torch.stack([img[:, y:y + size, x:x + size] for img, y, x in zip(big, ys, xs)]),
+                   [zoom_prompt(r["caption"], factor, ZOOM_CUE) for r in chunk])
 
 
 def diffusion_loss(unet, scheduler, latents: torch.Tensor, context: torch.Tensor, generator: torch.Generator,
@@ -73,28 +116,57 @@ def diffusion_loss(unet, scheduler, latents: torch.Tensor, context: torch.Tensor
     return per_item.mean()
 
 
+def sample_batch(data: LatentData, batch_size: int, zoom_prob: float,
+                 g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents, caption states) of a batch: whole images, and zoomed windows with probability ``zoom_prob``."""
+    idx = torch.randint(0, len(data), (batch_size,), generator=g)
+    latents, context = data.latents[idx], data.context[idx]
+    if zoom_prob > 0 and len(data.zoom_latents):
+        zoom = torch.rand(batch_size, generator=g) < zoom_prob
+        zidx = torch.randint(0, len(data.zoom_latents), (batch_size,), generator=g)
+        latents = torch.where(zoom[:, None, None, None], data.zoom_latents[zidx], latents)
+        context = torch.where(zoom[:, None, None], data.zoom_context[zidx], context)
+    return latents, context
+
+
 def _settings(args: argparse.Namespace, unet_config: dict) -> dict:
     return {"batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "ema_decay": args.ema_decay,
             "caption_dropout": args.caption_dropout, "prediction_type": args.prediction_type,
             "min_snr_gamma": args.min_snr_gamma, "seed": args.seed, "max_length": args.max_length,
+            "zoom_prob": args.zoom_prob, "zoom_factors": list(args.zoom_factors), "zoom_count": args.zoom_count,
             "unet_config": unet_config, "vae": str(args.vae)}
 
 
 def _default_data(args: argparse.Namespace, vae) -> LatentData:
-    """The train split at 128 px, encoded once and cached beside the run (``latents.safetensors``)."""
+    """The train split at 128 px and its zoomed windows, encoded once and cached beside the run
+    (``latents.safetensors``; re-encoded when the zoom settings it was made with differ)."""
     from .data.emoji import default_cache_dir, read_manifest
     from .data.loader import load_images
 
     cache = Path(args.run_dir) / "latents.safetensors"
+    made_with = {"zoom_factors": json.dumps(args.zoom_factors), "zoom_count": str(args.zoom_count),
+                 "max_length": str(args.max_length), "vae": str(args.vae)}
     if cache.exists():
-        t = load_file(str(cache))
-        return LatentData(t["latents"], t["context"], t["uncond"])
+        with safe_open(str(cache), "pt") as f:
+            if f.metadata() == made_with:
+                t = {k: f.get_tensor(k) for k in f.keys()}
+                return LatentData(t["latents"], t["context"], t["uncond"], t["zoom_latents"], t["zoom_context"])
+        logger.info("%s was made with other data settings: encoding again", cache)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     records = [r for r in read_manifest(cache_dir) if r["split"] == "train"]
     data = encode_dataset(vae, load_images(cache_dir, records, BASE_SIZE, "train"), [r["caption"] for r in records],
                           args.max_length)
+    windows, captions = [], []
+    for images, texts in zoom_windows(cache_dir, records, args.zoom_factors, args.zoom_count, args.seed):
+        windows.append(encode_images(vae, images))
+        captions += texts
+    if windows:
+        data.zoom_latents = torch.cat(windows)
+        data.zoom_context = encode_captions(captions, args.max_length, vae.device)[0]
     cache.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"latents": data.latents, "context": data.context, "uncond": data.uncond.contiguous()}, str(cache))
+    with atomic_path(cache) as tmp:
+        save_file({"latents": data.latents, "context": data.context, "uncond": data.uncond.contiguous(),
+                   "zoom_latents": data.zoom_latents, "zoom_context": data.zoom_context}, str(tmp), metadata=made_with)
     return data
 
 
@@ -132,11 +204,10 @@ def train(args: argparse.Namespace, data: LatentData | None = None) -> dict:
                 sum(p.numel() for p in unet.parameters()), len(data), args.batch_size, state["hardware"])
 
     def loss_fn(step: int, g: torch.Generator) -> torch.Tensor:
-        idx = torch.randint(0, len(data), (args.batch_size,), generator=g)
+        latents, context = sample_batch(data, args.batch_size, args.zoom_prob, g)
         drop = torch.rand(args.batch_size, generator=g) < args.caption_dropout
-        context = torch.where(drop[:, None, None], data.uncond.half().expand(args.batch_size, -1, -1),
-                              data.context[idx])
-        return diffusion_loss(unet, scheduler, data.latents[idx].float().to(device), context.float().to(device), g,
+        context = torch.where(drop[:, None, None], data.uncond.half().expand(args.batch_size, -1, -1), context)
+        return diffusion_loss(unet, scheduler, latents.float().to(device), context.float().to(device), g,
                               args.min_snr_gamma)
 
     loop = LoopConfig(run_dir, args.max_steps, args.lr, args.warmup, args.grad_clip, args.checkpoint_every,
@@ -174,6 +245,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--caption-dropout", type=float, default=0.1, help="share trained unconditionally (guidance)")
     parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon")
     parser.add_argument("--min-snr-gamma", type=float, default=5.0, help="min-SNR loss weighting (0: off)")
+    parser.add_argument("--zoom-prob", type=float, default=0.25,
+                        help="share of each batch drawn from zoomed windows (captions end with the scale cue)")
+    parser.add_argument("--zoom-factors", type=int, nargs="+", default=[2, 4],
+                        help="zooms of the windows: 128 px crops of the 256 / 512 px renders (`data build --sizes`)")
+    parser.add_argument("--zoom-count", type=int, default=3000, help="zoomed windows per factor (one per image)")
     parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="caption tokens")
     parser.add_argument("--unet-config", default=None, help="json overrides of the SD 1.5-layout UNet config")
     parser.add_argument("--seed", type=int, default=0)

@@ -13,15 +13,16 @@ __all__ = ["Backbone", "PromptEmbeds", "SDBackbone", "SDXLBackbone", "VideoBackb
 
 
 def backbone_from_pipe(pipe: Any, **kwargs: Any) -> Backbone:
-    """Pick the adapter for an already-loaded diffusers pipeline."""
+    """Pick the adapter for an already-loaded diffusers pipeline; a pipeline loaded from a local folder takes the
+    folder's sampling settings (``selfcascade.json``) and banks."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, TextToVideoSDPipeline
 
-    if isinstance(pipe, TextToVideoSDPipeline):
-        return VideoBackbone(pipe, **kwargs)
-    if isinstance(pipe, StableDiffusionXLPipeline):
-        return SDXLBackbone(pipe, **kwargs)
-    if isinstance(pipe, StableDiffusionPipeline):
-        return SDBackbone(pipe, **kwargs)
+    for pipe_class, backbone_class in ((TextToVideoSDPipeline, VideoBackbone), (StableDiffusionXLPipeline, SDXLBackbone),
+                                       (StableDiffusionPipeline, SDBackbone)):
+        if isinstance(pipe, pipe_class):
+            backbone = backbone_class(pipe, **kwargs)
+            backbone.use_model_folder(pipe.config.get("_name_or_path"))  # a local folder's settings and banks
+            return backbone
     raise ValueError(
         f"{type(pipe).__name__} is not supported yet; pass a StableDiffusionPipeline, "
         "StableDiffusionXLPipeline or TextToVideoSDPipeline (load one with diffusers' from_pretrained)."

@@ -7,14 +7,29 @@ conditioning and latents into pixels. Everything model-specific lives in a subcl
 
 from __future__ import annotations
 
+import json
+import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..schedule import matched_k
+
+
+#: Sampling defaults a model folder can carry beside its weights (a stock diffusers folder ignores the file):
+#: ``guidance_scale``, ``refine_guidance_scale``, ``K``, ``zoom_cue``, ``zoom_factors`` (see ``Backbone``).
+MODEL_SETTINGS_FILE = "selfcascade.json"
+#: Feature-upsampler banks tuned on a model (``<model>/banks/<name>/``), tuned mode's default.
+BANKS_DIR = "banks"
+
+
+def zoom_prompt(prompt: str, zoom: int, cue: str) -> str:
+    """``prompt`` with a scale cue (``cue`` formats ``{prompt}`` and ``{zoom}``); zoom 1 adds nothing."""
+    return prompt if zoom <= 1 else cue.format(prompt=prompt, zoom=zoom)
 
 
 @dataclass
@@ -27,6 +42,8 @@ class PromptEmbeds:
     negative_mask: torch.Tensor | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     negative_extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: The same prompts with the scale cue of each zoom > 1 (models trained with one, ``Backbone.zoom_cue``).
+    zoomed: dict[int, "PromptEmbeds"] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -52,6 +69,14 @@ class Backbone:
     default_refine_guidance_scale: float | None = None
     #: Frames per clip when the caller gives none; None for image models (latents [B, C, H, W]).
     default_num_frames: int | None = None
+    #: K when the caller gives none, chosen by measurement for this model (None: the paper's K by signal level).
+    sampling_k: int | None = None
+    #: The scale cue the model was trained with (e.g. ``"{prompt}, {zoom}x zoom"``), or None: every stage above
+    #: the base size then gets the cue of its zoom (the nearest of ``zoom_factors``) after the prompt.
+    zoom_cue: str | None = None
+    zoom_factors: tuple[int, ...] = ()
+    #: The model's folder, where its settings file and shipped banks live (None: a hub id or in-memory model).
+    model_dir: Path | None = None
 
     def __init__(self, unet: torch.nn.Module, scheduler: Any) -> None:
         self.unet = unet
@@ -70,6 +95,23 @@ class Backbone:
         """The backbone's networks."""
         return [self.unet]
 
+    def use_model_folder(self, folder: str | Path | None) -> None:
+        """Take the sampling defaults of ``folder/selfcascade.json`` and the banks under ``folder/banks``, if any."""
+        if folder is None or not Path(folder).is_dir():
+            return
+        self.model_dir = Path(folder)
+        settings_file = self.model_dir / MODEL_SETTINGS_FILE
+        settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+        if settings.get("guidance_scale") is not None:
+            self.default_guidance_scale = float(settings["guidance_scale"])
+        if settings.get("refine_guidance_scale") is not None:
+            self.default_refine_guidance_scale = float(settings["refine_guidance_scale"])
+        if settings.get("K") is not None:
+            self.sampling_k = int(settings["K"])
+        if settings.get("zoom_cue"):
+            self.zoom_cue = str(settings["zoom_cue"])
+            self.zoom_factors = tuple(int(z) for z in settings.get("zoom_factors", (2, 4)))
+
     # ----------------------------------------------------------------------------- properties
     @property
     def device(self) -> torch.device:
@@ -79,9 +121,11 @@ class Backbone:
     def default_k(self) -> int | None:
         """K when the caller gives none: the paper's K=700 carried over to this model's noise schedule.
 
-        700 on SD/SDXL; 494 on the embedded model's DDPM-linear schedule. None if the scheduler has no
-        ``alphas_cumprod`` (then 700 of 1000 applies).
+        700 on SD/SDXL; 494 on the v2 embedded model's DDPM-linear schedule. None if the scheduler has no
+        ``alphas_cumprod`` (then 700 of 1000 applies). A model's own ``sampling_k`` comes first.
         """
+        if self.sampling_k is not None:
+            return self.sampling_k
         alphas_cumprod = getattr(self.scheduler, "alphas_cumprod", None)
         return None if alphas_cumprod is None else matched_k(alphas_cumprod)
 
@@ -110,8 +154,25 @@ class Backbone:
         return [self.default_guidance_scale] + [self.default_guidance_scale if refine is None else refine] * (num_stages - 1)
 
     def default_banks(self, stage_sizes: list[tuple[int, int]]) -> list[str] | None:
-        """Feature-upsampler banks shipped with the model, one per stage r >= 1 (tuned mode's default); None here."""
-        return None
+        """The banks under ``<model>/banks/``, one per stage r >= 1: the one tuned for the nearest side (tuned
+        mode's default); None when the model ships none."""
+        if self.model_dir is None:
+            return None
+        tuned_for = {}
+        for config in sorted((self.model_dir / BANKS_DIR).glob("*/config.json")):
+            tuned_for[config.parent] = json.loads(config.read_text()).get("train_size", [0])[0]
+        if not tuned_for:
+            return None
+        return [str(min(tuned_for, key=lambda bank: abs(tuned_for[bank] - max(size)))) for size in stage_sizes]
+
+    def stage_zoom(self, height: int, width: int) -> int:
+        """The scale cue's zoom for a stage of this size: how many times larger than at the base size it shows its
+        object (by side), snapped to the nearest zoom the model was trained with; 1 at the base size or without a cue."""
+        base_h, base_w = self.base_size
+        zoom = math.sqrt(height * width / (base_h * base_w))
+        if not self.zoom_cue or zoom < math.sqrt(2):
+            return 1
+        return min(self.zoom_factors, key=lambda z: abs(math.log(z / zoom)))
 
     @property
     def is_video(self) -> bool:
@@ -156,6 +217,7 @@ class Backbone:
     # ------------------------------------------------------------------------------ denoising
     def unet_inputs(self, embeds: PromptEmbeds, height: int, width: int, do_cfg: bool) -> dict[str, Any]:
         """UNet keyword arguments for one stage, in the CFG batch layout [negative, positive]."""
+        embeds = embeds.zoomed.get(self.stage_zoom(height, width), embeds)
         hidden, mask = embeds.embeds, embeds.mask
         if do_cfg:
             if embeds.negative is None:

@@ -22,8 +22,6 @@ SHIPPED = {"embedded": Path(__file__).resolve().parent.parent / "embedded_model"
            "embedded-video": Path(__file__).resolve().parent.parent / "embedded_video_model"}
 SHIPPED_DIR = SHIPPED["embedded"]
 CONFIG_NAME = "selfcascade_model.json"
-#: Feature-upsampler banks tuned on the model (``<model>/banks/<name>/``), tuned mode's default.
-BANKS_DIR = "banks"
 #: Scale conditioning: class label per doubling of the object scale, in timestep units (zoom 1, 2, 4, 8 ->
 #: 0, 250, 500, 750), fed through the UNet's sinusoidal time projection (``class_embed_type="timestep"``).
 ZOOM_LABEL_STEP = 250.0
@@ -86,27 +84,14 @@ class EmbeddedBackbone(Backbone):
         scheduler = diffusers.DDPMScheduler.from_pretrained(folder / "scheduler")
         encoder = TextEncoder(max_length=int(config.get("max_length", 32)))
         name = shipped if path is None else str(folder)
-        return cls(unet, scheduler, encoder, name=name, default_guidance_scale=config.get("guidance_scale"),
-                   refine_guidance_scale=config.get("refine_guidance_scale"), num_frames=config.get("num_frames"),
-                   sampling_k=config.get("K"))
-
-    def default_banks(self, stage_sizes: list[tuple[int, int]]) -> list[str] | None:
-        """The banks under ``<model>/banks/``: per stage, the one tuned for the nearest side (e.g. 64, 128)."""
-        folder = SHIPPED.get(self.name, Path(self.name)) / BANKS_DIR
-        tuned_for = {}
-        for config in sorted(folder.glob("*/config.json")):
-            tuned_for[config.parent] = json.loads(config.read_text()).get("train_size", [0])[0]
-        if not tuned_for:
-            return None
-        return [str(min(tuned_for, key=lambda bank: abs(tuned_for[bank] - max(size)))) for size in stage_sizes]
+        backbone = cls(unet, scheduler, encoder, name=name, default_guidance_scale=config.get("guidance_scale"),
+                       refine_guidance_scale=config.get("refine_guidance_scale"), num_frames=config.get("num_frames"),
+                       sampling_k=config.get("K"))
+        backbone.model_dir = folder
+        return backbone
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.unet, self.text_encoder.model]
-
-    @property
-    def default_k(self) -> int | None:
-        """The model card's ``K`` (chosen by measurement for this model), else the paper's K by signal level."""
-        return self.sampling_k if self.sampling_k is not None else super().default_k
 
     def scale_label(self, height: int, width: int) -> float | None:
         """Scale-conditioned models (``train-base --scale-conditioning``) learn that a window of a stage

@@ -24,7 +24,8 @@ def caption_cache_path(cache_dir: Path, max_length: int = DEFAULT_MAX_LENGTH) ->
     return Path(cache_dir) / f"captions_minilm_l{max_length}.safetensors"
 
 
-def load_images(cache_dir: Path, records: list[dict], size: int, split: str | None) -> torch.Tensor:
+def load_images(cache_dir: Path, records: list[dict], size: int, split: str | None,
+                progress: bool = True) -> torch.Tensor:
     """uint8 [N, 3, size, size] of the records' renderings."""
     missing = [r["id"] for r in records if not image_path(cache_dir, size, r["id"]).exists()]
     if missing:
@@ -34,7 +35,8 @@ def load_images(cache_dir: Path, records: list[dict], size: int, split: str | No
         )
     return torch.from_numpy(np.stack([
         np.asarray(Image.open(image_path(cache_dir, size, r["id"])).convert("RGB"))
-        for r in tqdm(records, desc=f"loading {split or 'all'} {size} px", unit="img", mininterval=2)
+        for r in tqdm(records, desc=f"loading {split or 'all'} {size} px", unit="img", mininterval=2,
+                      disable=not progress)
     ])).permute(0, 3, 1, 2).contiguous()
 
 

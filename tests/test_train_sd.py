@@ -107,6 +107,38 @@ def test_zoom_windows_are_crops_of_the_larger_renders_with_the_scale_cue(tmp_pat
     chunks = list(train_sd.zoom_windows(tmp_path, records, [2], count=2, seed=0, size=8))
     windows, captions = chunks[0]
     assert windows.shape == (2, 3, 8, 8) and captions[0].endswith(", 2x zoom")
-    big = torch.from_numpy(np.asarray(Image.open(image_path(tmp_path, 16, "e0")))).permute(2, 0, 1)
+    big = torch.from_numpy(np.array(Image.open(image_path(tmp_path, 16, "e0")))).permute(2, 0, 1)
     crops = {(y, x) for y in range(9) for x in range(9) if torch.equal(big[:, y:y + 8, x:x + 8], windows[0])}
     assert crops, "a window must be an exact crop of the 2x render"
+
+
+def test_ship_then_export_a_stock_folder_with_the_scale_cue(tmp_path: Path, vae_dir: Path, data) -> None:
+    """A run shipped into a package-style folder loads as the embedded pipeline (fp16 storage, fp32 compute), and
+    `export-embedded` turns that folder into a stock SD folder that keeps the sampling defaults and banks."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    from selfcascade import SelfCascadePipeline, embedded_sd
+
+    run = tmp_path / "run"
+    train_sd.train(_args(run, vae_dir, "--max-steps", "2", "--zoom-prob", "0.5"), data)
+    shipped = tmp_path / "shipped"
+    shutil.copytree(vae_dir, shipped / "vae")
+    (shipped / "banks" / "bank-x").mkdir(parents=True)
+    (shipped / "banks" / "bank-x" / "config.json").write_text("{}")
+    assert not embedded_sd.is_shipped(shipped)
+    train_sd.ship_run(run, shipped)
+    assert embedded_sd.is_shipped(shipped)
+    assert next(iter(load_file(str(shipped / "unet" / "diffusion_pytorch_model.safetensors")).values())).dtype == torch.float16
+    pipe = embedded_sd.load_embedded_pipeline(shipped)
+    assert pipe.unet.dtype == torch.float32
+    out = train_sd.export_embedded(tmp_path / "stock", shipped)
+    settings = json.loads((out / "selfcascade.json").read_text())
+    assert settings["zoom_cue"] == embedded_sd.ZOOM_CUE and settings["K"] == 700
+    assert (out / "banks" / "bank-x" / "config.json").is_file()
+    assert json.loads((out / "train_state.json").read_text())["train_steps"] == 2
+    stock = StableDiffusionPipeline.from_pretrained(out)
+    assert stock("red apple", height=32, width=32, num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
+    cascade = SelfCascadePipeline.from_pretrained(out, device="cpu")
+    assert cascade.backbone.zoom_cue == embedded_sd.ZOOM_CUE and cascade.backbone.default_k == 700

@@ -14,17 +14,24 @@ does; ``encode_prompts`` below is that same computation for training.
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from .backbones.base import BANKS_DIR, MODEL_SETTINGS_FILE
 from .io import atomic_dir
 from .text_encoder import DEFAULT_MAX_LENGTH, HIDDEN_SIZE, _model_path
 from .training import write_train_summary
 
 logger = logging.getLogger(__name__)
+
+#: Where the shipped v3 parts live inside the package: ``unet/``, ``vae/``, ``scheduler/``, ``selfcascade.json``
+#: (sampling defaults and the scale cue) and ``banks/``; the text encoder comes from the MiniLM package.
+SHIPPED_DIR = Path(__file__).resolve().parent / "embedded_v3"
 
 #: Base size in pixels (16x16 latents through the 8x VAE).
 BASE_SIZE = 128
@@ -32,6 +39,9 @@ BASE_SIZE = 128
 #: base-size image does. Training labels zoomed windows with it; a cascade stage (or a user of a stock
 #: pipeline) adds it to the prompt, so the cue needs nothing a stock SD pipeline lacks.
 ZOOM_CUE = "{prompt}, {zoom}x zoom"
+#: Sampling defaults written beside the weights (``selfcascade.json``, see ``Backbone.use_model_folder``): the
+#: paper's K=700 (the schedule is SD's) and SD's guidance; the scale cue is added for models trained with one.
+DEFAULT_SAMPLING: dict = {"K": 700, "guidance_scale": 7.5}
 
 
 #: SD 1.5's topology: three cross-attention down blocks and a plain one, two layers each, mid attention.
@@ -92,10 +102,35 @@ def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str]) -> torch.Ten
     return text_encoder(tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))[0]
 
 
+def is_shipped(folder: Path = SHIPPED_DIR) -> bool:
+    """Whether the v3 model's trained UNet is in this install (until it is, "embedded" is the v2 model)."""
+    return (folder / "unet" / "config.json").is_file()
+
+
+def load_embedded_pipeline(folder: Path | str = SHIPPED_DIR, max_length: int = DEFAULT_MAX_LENGTH):
+    """A stock ``StableDiffusionPipeline`` of the shipped parts and MiniLM (from its installed package)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    folder = Path(folder)
+    if not is_shipped(folder):
+        raise FileNotFoundError(f"{folder / 'unet'} not found: the v3 embedded model is not in this install; train "
+                                "it with `selfcascade train-sd` and export it with `selfcascade export-embedded`.")
+    tokenizer, text_encoder = load_text_components(max_length)
+    # Shipped weights are fp16 (half the size); compute starts in fp32 and the caller's .to() picks the dtype.
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler.from_pretrained(folder / "scheduler"), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.register_to_config(_name_or_path=str(folder))
+    return pipe
+
+
 def save_sd_folder(folder: Path | str, unet, vae, max_length: int = DEFAULT_MAX_LENGTH, scheduler=None,
-                   train_state: dict | None = None) -> Path:
+                   train_state: dict | None = None, sampling: dict | None = None, banks: Path | None = None) -> Path:
     """Write a stock ``StableDiffusionPipeline`` folder (no safety checker, no feature extractor), atomically;
-    ``train_state`` (a training run's checkpoint state) adds its ``train_state.json``."""
+    ``train_state`` (a training run's checkpoint state) adds its ``train_state.json``, ``sampling`` the
+    ``selfcascade.json`` of sampling defaults, ``banks`` a copy of a folder of upsampler banks."""
     from diffusers import StableDiffusionPipeline
 
     tokenizer, text_encoder = load_text_components(max_length)
@@ -106,5 +141,9 @@ def save_sd_folder(folder: Path | str, unet, vae, max_length: int = DEFAULT_MAX_
         pipe.save_pretrained(tmp, safe_serialization=True)
         if train_state is not None:
             write_train_summary(tmp, train_state)
+        if sampling is not None:
+            (tmp / MODEL_SETTINGS_FILE).write_text(json.dumps(sampling, indent=1) + "\n")
+        if banks is not None and banks.is_dir():
+            shutil.copytree(banks, tmp / BANKS_DIR)
     logger.info("wrote a StableDiffusionPipeline folder to %s", folder)
     return Path(folder)

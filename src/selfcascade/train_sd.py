@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -21,15 +22,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .backbones.base import zoom_prompt
+from .backbones.base import BANKS_DIR, MODEL_SETTINGS_FILE, zoom_prompt
 from .checkpoints import find_checkpoint, read_checkpoint_state
 from .commands import add_command, run_module
-from .embedded_sd import (BASE_SIZE, SD15_UNET, build_sd_scheduler, build_sd_unet, encode_prompts, load_text_components,
-                          ZOOM_CUE, save_sd_folder)
-from .io import atomic_path
+from .embedded_sd import (BASE_SIZE, DEFAULT_SAMPLING, SD15_UNET, SHIPPED_DIR, ZOOM_CUE, build_sd_scheduler,
+                          build_sd_unet, encode_prompts, load_embedded_pipeline, load_text_components, save_sd_folder)
+from .io import atomic_dir, atomic_path
 from .text_encoder import DEFAULT_MAX_LENGTH
 from .training import (EMA, LoopConfig, check_resume, hardware, latest_ema, model_and_ema_writer,
-                       restore_model_and_ema, train_loop)
+                       restore_model_and_ema, train_loop, write_train_summary)
 
 logger = logging.getLogger(__name__)
 
@@ -215,20 +216,64 @@ def train(args: argparse.Namespace, data: LatentData | None = None) -> dict:
     train_loop(accelerator, unet, optimizer, loss_fn, loop, state, model_and_ema_writer(accelerator, unet, ema), ema)
     if args.export and accelerator.is_main_process:
         export_run(run_dir, Path(args.export))
+    if args.ship and accelerator.is_main_process:
+        ship_run(run_dir)
     return state
+
+
+def run_sampling(settings: dict) -> dict:
+    """``selfcascade.json`` of a run's model: the defaults, and the scale cue if it trained on zoomed windows."""
+    sampling = dict(DEFAULT_SAMPLING)
+    if settings.get("zoom_prob", 0) > 0:
+        sampling.update(zoom_cue=ZOOM_CUE, zoom_factors=list(settings["zoom_factors"]))
+    return sampling
+
+
+def _run_unet(run_dir: Path) -> tuple[dict, torch.nn.Module]:
+    state, weights = latest_ema(run_dir, "train-sd")
+    unet = build_sd_unet(state["args"]["unet_config"])
+    unet.load_state_dict(weights)
+    return state, unet
 
 
 def export_run(run_dir: Path, out_dir: Path) -> Path:
     """The EMA UNet of the latest checkpoint, with its VAE, MiniLM and SD's scheduler, as a stock SD folder."""
     from diffusers import AutoencoderKL
 
-    state, weights = latest_ema(run_dir, "train-sd")
+    state, unet = _run_unet(run_dir)
     settings = state["args"]
-    unet = build_sd_unet(settings["unet_config"])
-    unet.load_state_dict(weights)
-    folder = save_sd_folder(out_dir, unet, AutoencoderKL.from_pretrained(settings["vae"]), settings["max_length"],
-                            build_sd_scheduler(settings["prediction_type"]), state)
+    return save_sd_folder(out_dir, unet, AutoencoderKL.from_pretrained(settings["vae"]), settings["max_length"],
+                          build_sd_scheduler(settings["prediction_type"]), state, run_sampling(settings))
+
+
+def ship_run(run_dir: Path, folder: Path = SHIPPED_DIR) -> Path:
+    """Put a run's EMA UNet (fp16), scheduler, ``train_state.json`` and sampling defaults into the package's v3
+    folder, beside its VAE and banks; sampling values already chosen there (by measurement) are kept."""
+    state, unet = _run_unet(run_dir)
+    settings_file = folder / MODEL_SETTINGS_FILE
+    sampling = {**run_sampling(state["args"]),
+                **(json.loads(settings_file.read_text()) if settings_file.is_file() else {})}
+    with atomic_dir(folder / "unet") as tmp:
+        unet.half().save_pretrained(tmp, safe_serialization=True)
+    with atomic_dir(folder / "scheduler") as tmp:
+        build_sd_scheduler(state["args"]["prediction_type"]).save_pretrained(tmp)
+    with atomic_path(settings_file) as tmp:
+        tmp.write_text(json.dumps(sampling, indent=1) + "\n")
+    write_train_summary(folder, state)
+    logger.info("shipped step %d of %s into %s", state["step"], run_dir, folder)
     return folder
+
+
+def export_embedded(out_dir: Path, folder: Path = SHIPPED_DIR) -> Path:
+    """The shipped v3 model as a complete stock SD folder: weights, MiniLM, sampling defaults and banks."""
+    pipe = load_embedded_pipeline(folder)
+    settings_file = folder / MODEL_SETTINGS_FILE
+    sampling = json.loads(settings_file.read_text()) if settings_file.is_file() else dict(DEFAULT_SAMPLING)
+    out = save_sd_folder(out_dir, pipe.unet, pipe.vae, pipe.tokenizer.model_max_length, pipe.scheduler,
+                         sampling=sampling, banks=folder / BANKS_DIR)
+    if (folder / "train_state.json").is_file():
+        shutil.copy2(folder / "train_state.json", out / "train_state.json")
+    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -256,6 +301,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--checkpoint-every", type=int, default=200)
     parser.add_argument("--export", type=Path, default=None, help="write a stock SD folder here at the end")
+    parser.add_argument("--ship", action="store_true",
+                        help="at the end, put the EMA UNet into the package as the embedded model (developers)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
 
@@ -264,9 +311,21 @@ def run(args: argparse.Namespace) -> None:
     train(args)
 
 
+def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("output", type=Path, help="folder to write (replaced atomically)")
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    print(f"wrote {export_embedded(args.output)}: load it with StableDiffusionPipeline.from_pretrained")
+
+
 def register_cli(subparsers: "argparse._SubParsersAction") -> None:
     add_command(subparsers, "train-sd", "train the v3 embedded model's UNet (tiny SD, resumable)", __doc__,
                 add_arguments, run)
+    add_command(subparsers, "export-embedded", "write the embedded model as a stock Stable Diffusion folder",
+                "Write the embedded model (weights, MiniLM text encoder, sampling defaults, banks) as a folder that "
+                "StableDiffusionPipeline.from_pretrained and every SD tool load offline.", _add_export_arguments,
+                _run_export)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

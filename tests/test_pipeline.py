@@ -304,7 +304,8 @@ def test_wrapping_leaves_training_flags_and_freeze_sets_them(tiny_sd_fresh):
     "kwargs,message",
     [
         (dict(height=16, width=16), r"fewer pixels than the base size 32x32.*mode='direct'"),
-        (dict(height=66, width=64), r"height=66 is not a multiple of 4.*use 64 or 68"),
+        # the target takes any multiple of the VAE factor (2 here, 8 on SD), as diffusers' pipelines do
+        (dict(height=65, width=64), r"height=65 is not a multiple of 2.*use 64 or 66"),
         # an explicit 0 must be refused, not silently replaced by the default size
         (dict(height=64, width=0), r"width must be a positive integer, got 0"),
         (dict(height=1024, width=1024), r"1024x the base.*limit of 256x.*max_ratio"),
@@ -326,6 +327,14 @@ def test_wrapping_leaves_training_flags_and_freeze_sets_them(tiny_sd_fresh):
         (dict(output_type="jpeg"), r"output_type must be one of pil, np, pt, latent"),
         (dict(prompt=[]), r"prompt must be a string or a non-empty list"),
         (dict(negative_prompt=["a", "b"]), r"got 2 negative prompts for 1 prompts"),
+        (dict(batch_size=0), r"batch_size must be a positive integer, got 0"),
+        (dict(generator=torch.Generator()), r"give seed .* or generator, not both"),
+        (dict(seed=None, generator=[torch.Generator()] * 2), r"got 2 generators for 1 images"),
+        (dict(prompt_embeds=torch.zeros(1, 77, 32)), r"give prompt or prompt_embeds, not both"),
+        (dict(prompt=None), r"give a prompt .* or prompt_embeds"),
+        (dict(pooled_prompt_embeds=torch.zeros(1, 32)), r"takes no pooled_prompt_embeds"),
+        (dict(callback_on_step_end_tensor_inputs=["prompt_embeds"]), r"can name latents; got prompt_embeds"),
+        (dict(mode="demofusion", cross_attention_kwargs={"scale": 0.5}), r"takes? no cross_attention_kwargs"),
     ],
 )
 def test_bad_call_arguments_get_clear_errors(sd, tiny_sd, kwargs, message):
@@ -357,8 +366,9 @@ def test_scheduler_without_add_noise(tiny_sd):
     inverse = DDIMInverseScheduler.from_config(tiny_sd.scheduler.config)
     with pytest.raises(ValueError, match=r"DDIMInverseScheduler cannot drive the cascade: it lacks add_noise.*DDIMScheduler"):
         SelfCascadePipeline.from_pipe(tiny_sd, scheduler=inverse)
-    with pytest.raises(ValueError, match=r"scheduler must be 'ddim', 'pipeline' or a diffusers scheduler instance, got 'euler'"):
-        SelfCascadePipeline.from_pipe(tiny_sd, scheduler="euler")
+    with pytest.raises(ValueError, match=r"unknown scheduler 'heun'; choose one of ddim, euler, euler-a, dpm\+\+-2m, "
+                                         r"dpm\+\+-2m-karras, unipc, pipeline"):
+        SelfCascadePipeline.from_pipe(tiny_sd, scheduler="heun")
 
 
 def test_from_pretrained_folder_without_model_index(tmp_path):

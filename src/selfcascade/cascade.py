@@ -20,19 +20,12 @@ from .plan import ScalePlan
 from .schedule import DEFAULT_K
 
 PivotSpace = Literal["latent", "pixel"]
-#: callback(stage, step_index, timestep, latents) after every denoising step.
-StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+#: callback(stage, step_index, timestep, latents) after every denoising step; latents it returns replace the
+#: sampler's (diffusers' ``callback_on_step_end`` contract), None keeps them.
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
 #: stage_context(stage, prev_latents, unet_inputs_at_prev_size, guidance) -> a context manager around
 #: the denoising of stage r >= 1 (the tuned cascade attaches its feature upsamplers through it).
 StageContext = Callable[[int, torch.Tensor, dict, float], ContextManager]
-
-_REQUIRED_SCHEDULER_METHODS = ("set_timesteps", "add_noise", "step", "scale_model_input")
-#: Schedulers whose step() keeps a warm-up counter that set_begin_index does not move.
-_CANNOT_START_MID_SCHEDULE = frozenset({"PNDMScheduler"})
-_SCHEDULER_HINT = (
-    "Use a diffusers noise scheduler such as DDIMScheduler (--scheduler ddim, the default), "
-    "DPMSolverMultistepScheduler or EulerDiscreteScheduler."
-)
 
 
 @dataclass
@@ -40,21 +33,6 @@ class CascadeResult:
     """Final latents of every stage, base first."""
 
     stage_latents: list[torch.Tensor]
-
-
-def check_scheduler(scheduler: object) -> None:
-    """The cascade re-noises mid-schedule, so the scheduler must be able to add noise at a timestep."""
-    name = type(scheduler).__name__
-    missing = [m for m in _REQUIRED_SCHEDULER_METHODS if not callable(getattr(scheduler, m, None))]
-    if missing or not hasattr(scheduler, "config"):
-        raise ValueError(
-            f"scheduler {name} cannot drive the cascade: it lacks {', '.join(missing) or 'config'}. {_SCHEDULER_HINT}"
-        )
-    if name in _CANNOT_START_MID_SCHEDULE:
-        raise ValueError(
-            f"scheduler {name} cannot start part-way through its schedule (its multistep warm-up always begins "
-            f"at the first timestep), which every stage after the first needs. {_SCHEDULER_HINT}"
-        )
 
 
 def resolve_k(num_train_timesteps: int, k: int | None = None, noise_level: float | None = None,
@@ -113,6 +91,12 @@ def _step_kwargs(scheduler, generator: list[torch.Generator] | None) -> dict:
     return kwargs
 
 
+def after_step(callback: StepCallback | None, stage: int, i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """Run ``callback`` after a step; the latents it returns, if any, are the ones sampling goes on from."""
+    out = None if callback is None else callback(stage, i, t, latents)
+    return latents if out is None else out
+
+
 def denoise(
     backbone: Backbone,
     latents: torch.Tensor,
@@ -131,8 +115,7 @@ def denoise(
     for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress, leave=False)):
         noise_pred = backbone.predict_noise(latents, t, inputs, guidance_scale)
         latents = scheduler.step(noise_pred, t, latents, return_dict=False, **step_kwargs)[0]
-        if callback is not None:
-            callback(stage, i, t, latents)
+        latents = after_step(callback, stage, i, t, latents)
     return latents
 
 
@@ -159,8 +142,12 @@ def sample_cascade(
     stage_context: StageContext | None = None,
     num_frames: int | None = None,
     start_latents: torch.Tensor | None = None,
+    unet_kwargs: dict | None = None,
 ) -> CascadeResult:
-    """Sample every stage of ``plan``; ``generators[r]`` holds one generator per image for stage r.
+    """Sample every stage of ``plan``; ``generators[r]`` holds one generator per image for stage r (or one for the
+    batch).
+
+    ``unet_kwargs`` go to every UNet call (e.g. ``cross_attention_kwargs``).
 
     ``start_latents`` (e.g. an existing image or clip, encoded) stand in for stage 0, which is then
     not sampled: the cascade only upscales them.
@@ -176,7 +163,7 @@ def sample_cascade(
     stage_latents: list[torch.Tensor] = []
     for r, (h, w) in enumerate(plan.stages):
         guidance = guidance_scales[r]
-        inputs = backbone.unet_inputs(embeds, h, w, do_cfg=guidance > 1.0)
+        inputs = {**backbone.unet_inputs(embeds, h, w, do_cfg=guidance > 1.0), **(unet_kwargs or {})}
         shape = backbone.latent_shape(batch, h, w, num_frames)
         noise = randn_tensor(shape, generator=generators[r], device=device, dtype=dtype)
         if r == 0 and start_latents is not None:
@@ -196,7 +183,8 @@ def sample_cascade(
         desc = f"stage {r + 1}/{plan.num_stages} {h}x{w}"
         context = nullcontext()
         if r > 0 and stage_context is not None:
-            prev_inputs = backbone.unet_inputs(embeds, *plan.stages[r - 1], do_cfg=guidance > 1.0)
+            prev_inputs = {**backbone.unet_inputs(embeds, *plan.stages[r - 1], do_cfg=guidance > 1.0),
+                           **(unet_kwargs or {})}
             context = stage_context(r, stage_latents[-1], prev_inputs, guidance)
         with context:
             latents = denoise(backbone, latents, timesteps, inputs, guidance, generators[r], r, callback, progress, desc)

@@ -15,37 +15,43 @@ of the same run through ``sample_cascade``; tuned mode adds a bank of feature up
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .backbones import Backbone, backbone_from_pipe
-from .backbones.base import zoom_prompt
-from .baselines import BASELINE_MODES, baseline_context, hires_fix
-from .baselines.rivals import (FULL_SCHEDULE_RIVALS, RIVAL_MODES, RIVAL_PIVOT_SPACE, SINGLE_STAGE_RIVALS, rival_context,
-                               rival_plan, rival_sampler)
-from .cascade import PivotSpace, StepCallback, check_scheduler, resolve_k, sample_cascade
+from .backbones.base import BANKS_DIR, MODEL_SETTINGS_FILE, zoom_prompt
+from .baselines import baseline_context, hires_fix
+from .baselines.rivals import (FULL_SCHEDULE_RIVALS, RIVAL_PIVOT_SPACE, SINGLE_STAGE_RIVALS, rival_context, rival_plan,
+                               rival_sampler)
+from .cascade import CascadeResult, PivotSpace, StepCallback, after_step, resolve_k, sample_cascade
+from .modes import MODES, RIVAL_MODES, VIDEO_MODES
 from .plan import DEFAULT_MAX_RATIO, ScalePlan, make_plan
+from .schedulers import check_scheduler, make_scheduler
 from .unet_features import tuned_stage_context
 from .window_attention import windowed_final_stage
-from .upsamplers import UpsamplerBank, load_bank
+from .upsamplers import UpsamplerBank, bank_mismatches, load_bank
 
 logger = logging.getLogger(__name__)
 
 Mode = Literal["tuning-free", "direct", "tuned", "attn-sf", "redilate", "hires-fix", "hidiffusion", "demofusion",
                "freescale", "deep-shrink"]
-MODES: tuple[str, ...] = ("tuning-free", "direct", "tuned", *BASELINE_MODES, *RIVAL_MODES)
 #: Modes that sample the target in one pass, from noise.
 SINGLE_STAGE_MODES = frozenset({"direct", "attn-sf", "redilate", *SINGLE_STAGE_RIVALS})
-#: Modes for video models: attn-sf and redilate alter attention and convolutions chosen for image UNets
-#: (attn-sf would also rescale the temporal attention over frames).
-VIDEO_MODES: tuple[str, ...] = tuple(m for m in MODES if m not in ("attn-sf", "redilate", *RIVAL_MODES))
+#: Images per UNet batch when the caller gives no batch_size: as many as fit this many output pixels (one
+#: 2048x2048 image, four at 1024x1024), so a long --seeds list does not put every image in one batch.
+DEFAULT_BATCH_PIXELS = 2048 * 2048
+#: Latents ``callback_on_step_end`` can read and replace (diffusers' ``callback_on_step_end_tensor_inputs``).
+CALLBACK_TENSOR_INPUTS = ("latents",)
+#: diffusers' step-end callback: (pipeline, step index within the stage, timestep, tensors) -> tensors to replace.
+StepEndCallback = Callable[[Any, int, torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 #: A bank, its folder or hub id; or one per stage r >= 1 (None: that stage runs tuning-free).
 Upsamplers = UpsamplerBank | str | os.PathLike | Sequence["UpsamplerBank | str | os.PathLike | None"]
 OutputType = Literal["pil", "np", "pt", "latent"]
@@ -74,6 +80,11 @@ def default_dtype(device: torch.device) -> torch.dtype:
 _STAGE_SEED_STEP = 0x9E3779B97F4A7C15
 
 
+def default_batch_size(height: int, width: int, num_frames: int | None = None) -> int:
+    """Images (or clips) per UNet batch for a target of this size: see ``DEFAULT_BATCH_PIXELS``."""
+    return max(1, DEFAULT_BATCH_PIXELS // (height * width * (num_frames or 1)))
+
+
 def stage_seed(seed: int, stage: int) -> int:
     """Each stage draws from its own stream so changing the plan's tail never shifts earlier stages.
 
@@ -88,7 +99,8 @@ class CascadeOutput:
 
     images: Any
     plan: ScalePlan
-    seeds: list[int]
+    #: One per image; None where the caller's ``generator=`` drew the noise.
+    seeds: list[int | None]
     settings: dict[str, Any]
     stages: list[Any] = field(default_factory=list)
 
@@ -128,11 +140,12 @@ class SelfCascadePipeline:
     def from_pipe(cls, pipe: Any, scheduler: str | Any = "ddim", **kwargs: Any) -> "SelfCascadePipeline":
         """Wrap a loaded diffusers pipeline without changing it.
 
-        ``scheduler``: "ddim" (the paper's sampler, built from the pipeline's scheduler config),
-        "pipeline" (keep the pipeline's own), or a diffusers scheduler instance.
+        ``scheduler``: "ddim" (the paper's sampler, built from the pipeline's scheduler config), another name of
+        ``selfcascade.schedulers.SCHEDULER_NAMES`` ("euler-a", "dpm++-2m-karras", ...), "pipeline" (keep the
+        pipeline's own), or a diffusers scheduler instance.
         """
         backbone = backbone_from_pipe(pipe, **kwargs)
-        backbone.scheduler = _make_scheduler(scheduler, pipe.scheduler)
+        backbone.scheduler = make_scheduler(scheduler, pipe.scheduler)
         return cls(backbone)
 
     @classmethod
@@ -157,7 +170,7 @@ class SelfCascadePipeline:
             name = str(name_or_path)
             backbone = (EmbeddedBackbone.from_folder(shipped=name) if name in EMBEDDED_NAMES
                         else EmbeddedBackbone.from_folder(path))
-            backbone.scheduler = _make_scheduler(scheduler, backbone.scheduler)
+            backbone.scheduler = make_scheduler(scheduler, backbone.scheduler)
             backbone.to(device, dtype)
             return cls(backbone)
         if path.exists() and not (path / "model_index.json").is_file():
@@ -171,12 +184,36 @@ class SelfCascadePipeline:
         pipe.to(device)
         return cls.from_pipe(pipe, scheduler=scheduler)
 
+    def save_pretrained(self, folder: str | os.PathLike, upsamplers: Upsamplers | None = None, **kwargs: Any) -> Path:
+        """Write the wrapped pipeline (diffusers' ``save_pretrained``, ``kwargs`` passed on), the cascade's sampling
+        defaults (``selfcascade.json``) and its banks (``banks/<side>px-<scale>x/``: ``upsamplers`` and those the
+        model came with), so that ``from_pretrained(folder)`` runs tuned mode with no ``upsamplers=``. The scheduler
+        is not saved: pass ``scheduler=`` to ``from_pretrained`` again."""
+        bb = self.backbone
+        pipe = getattr(bb, "pipe", None)
+        if pipe is None:
+            raise ValueError(f"{bb.name} is not a diffusers pipeline; its folder is written by its trainer "
+                             "(`selfcascade train-base --export DIR`).")
+        folder = Path(folder)
+        pipe.save_pretrained(folder, **kwargs)
+        (folder / MODEL_SETTINGS_FILE).write_text(json.dumps(bb.model_settings(), indent=2))
+        given = [] if upsamplers is None else (
+            [upsamplers] if isinstance(upsamplers, (UpsamplerBank, str, os.PathLike)) else list(upsamplers))
+        shipped = sorted((bb.model_dir / BANKS_DIR).glob("*/config.json")) if bb.model_dir is not None else []
+        for source in [*[b for b in given if b is not None], *(c.parent for c in shipped)]:
+            bank = load_bank(source)
+            side = max(bank.config.train_size or [0])
+            bank.save_pretrained(folder / BANKS_DIR / f"{side}px-{float(bank.config.scale):g}x", safe_serialization=True)
+        return folder
+
     # ------------------------------------------------------------------------------ helpers
     def plan(self, height: int, width: int, mode: Mode = "tuning-free") -> ScalePlan:
-        """The stage sizes a call with this target would use."""
+        """The stage sizes a call with this target would use; the target takes any size the wrapped pipeline does,
+        the stages before it round to the UNet's multiple (the rivals keep it for every stage)."""
         bb = self.backbone
         plan = make_plan(
             bb.base_size, height, width, multiple=bb.size_multiple,
+            final_multiple=bb.size_multiple if mode in RIVAL_MODES else bb.final_multiple,
             max_ratio=self.max_ratio, single_stage=mode in SINGLE_STAGE_MODES, single_jump=mode == "hires-fix",
         )
         return rival_plan(mode, bb.base_size, height, width, bb.size_multiple) or plan
@@ -199,24 +236,44 @@ class SelfCascadePipeline:
 
     def check_inputs(
         self, prompt: Any, negative_prompt: Any, mode: str, num_inference_steps: int, num_images_per_prompt: int,
-        pivot_space: str | None, output_type: str, num_frames: int | None = None,
-    ) -> list[str]:
+        pivot_space: str | None, output_type: str, num_frames: int | None = None, batch_size: int | None = None,
+        prompt_options: dict[str, Any] | None = None, seed: Any = None, generator: Any = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = CALLBACK_TENSOR_INPUTS,
+        cross_attention_kwargs: dict | None = None,
+    ) -> list[str] | None:
+        """Raise a ValueError naming the problem and the fix; return the prompts as a list (None: given as embeddings)."""
+        options = prompt_options or {}
+        if prompt is not None and options.get("prompt_embeds") is not None:
+            raise ValueError("give prompt or prompt_embeds, not both.")
+        if prompt is None and options.get("prompt_embeds") is None:
+            raise ValueError("give a prompt (a string or a list of strings) or prompt_embeds.")
         if isinstance(prompt, str):
             prompt = [prompt]
-        if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) for p in prompt):
+        if prompt is not None and (not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) for p in prompt)):
             raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}.")
-        if negative_prompt is not None and not isinstance(negative_prompt, str) and len(negative_prompt) != len(prompt):
+        if (prompt is not None and negative_prompt is not None and not isinstance(negative_prompt, str)
+                and len(negative_prompt) != len(prompt)):
             raise ValueError(f"got {len(negative_prompt)} negative prompts for {len(prompt)} prompts; give one each or one string.")
+        self._check_prompt_options(options)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}.")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}.")
+        for name, value in (("num_inference_steps", num_inference_steps), ("num_images_per_prompt", num_images_per_prompt),
+                            ("batch_size", 1 if batch_size is None else batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if pivot_space not in (None, "latent", "pixel"):
             raise ValueError(f"pivot_space must be 'latent' or 'pixel', got {pivot_space!r}.")
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be one of pil, np, pt, latent, got {output_type!r}.")
+        if seed is not None and generator is not None:
+            raise ValueError("give seed (one generator per image and stage, made here) or generator, not both.")
+        unknown = sorted(set(callback_on_step_end_tensor_inputs) - set(CALLBACK_TENSOR_INPUTS))
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs can name {', '.join(CALLBACK_TENSOR_INPUTS)}; "
+                             f"got {', '.join(unknown)}.")
+        if cross_attention_kwargs is not None and rival_sampler(mode) is not None:
+            raise ValueError(f"mode={mode!r} runs its own UNet passes, which take no cross_attention_kwargs; use "
+                             "a cascade or direct mode with them.")
         if self.backbone.is_video:
             if mode not in VIDEO_MODES:
                 raise ValueError(f"mode {mode!r} is not supported for video models; "
@@ -227,6 +284,22 @@ class SelfCascadePipeline:
         elif num_frames is not None:
             raise ValueError(f"num_frames applies only to text-to-video models; {self.backbone.name} makes images.")
         return prompt
+
+    def _check_prompt_options(self, options: dict[str, Any]) -> None:
+        """Precomputed embeddings, clip_skip and LoRA scale go to diffusers' encode_prompt: only pipelines have one."""
+        bb = self.backbone
+        given = {k for k, v in options.items() if v is not None}
+        unsupported = sorted(given - bb.prompt_options)
+        if unsupported:
+            raise ValueError(f"{bb.name} encodes prompts with its own text encoder and takes no {', '.join(unsupported)}; "
+                             "pass prompt (and negative_prompt) instead.")
+        if "prompt_embeds" in given and bb.zoom_cue:
+            raise ValueError(f"{bb.name} adds a scale cue to the prompt of each stage, which prompt_embeds cannot carry; "
+                             "pass prompt instead.")
+        for embeds, pooled in (("prompt_embeds", "pooled_prompt_embeds"),
+                               ("negative_prompt_embeds", "negative_pooled_prompt_embeds")):
+            if pooled in bb.prompt_options and (embeds in given) != (pooled in given):
+                raise ValueError(f"{bb.name} needs {embeds} and {pooled} together (both from the pipeline's encode_prompt).")
 
     @staticmethod
     def _seeds(seed: int | Sequence[int] | None, count: int) -> list[int]:
@@ -270,11 +343,36 @@ class SelfCascadePipeline:
             raise ValueError(f"got {len(scales)} guidance scales for a {stages}-stage plan; give one per stage or one number.")
         return scales
 
+    def _check_banks(self, banks: Sequence[UpsamplerBank | None], plan: ScalePlan, k: int) -> None:
+        """Warn, naming both sides, where a bank runs at another K, stage scale or size than it was tuned for."""
+        for r, bank in enumerate(banks, start=1):
+            if bank is None:
+                continue
+            (h0, w0), (h, w) = plan.stages[r - 1], plan.stages[r]
+            for problem in bank_mismatches(bank, k=k, scale=h * w / (h0 * w0), size=(h, w)):
+                logger.warning("upsampler bank %s at stage %d: %s; tune one for this call with `selfcascade "
+                               "train-upsamplers` (or --init-from this bank) for the best results",
+                               bank.config.get("_name_or_path", "in-memory"), r, problem)
+
+    def _step_end(self, callback: StepCallback | None, callback_on_step_end: StepEndCallback | None,
+                  tensor_inputs: Sequence[str]) -> StepCallback | None:
+        """The sampler's callback: the old per-stage ``callback``, then diffusers' ``callback_on_step_end``."""
+        if callback_on_step_end is None:
+            return callback
+
+        def step_end(stage: int, i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+            latents = after_step(callback, stage, i, t, latents)
+            self.current_stage = stage
+            outputs = callback_on_step_end(self, i, t, {name: latents for name in tensor_inputs}) or {}
+            return outputs.get("latents", latents)
+
+        return step_end
+
     # -------------------------------------------------------------------------------- call
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
         *,
@@ -289,9 +387,19 @@ class SelfCascadePipeline:
         pivot_space: PivotSpace | None = None,
         strength: float | None = None,
         seed: int | Sequence[int] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        batch_size: int | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        clip_skip: int | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
         return_stages: bool = False,
         output_type: OutputType = "pil",
         callback: StepCallback | None = None,
+        callback_on_step_end: StepEndCallback | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = CALLBACK_TENSOR_INPUTS,
         progress: bool = True,
         upsamplers: Upsamplers | None = None,
         image: torch.Tensor | None = None,
@@ -308,9 +416,17 @@ class SelfCascadePipeline:
         default of mode="hires-fix").
         ``strength`` (mode="hires-fix" only, default 0.55): the img2img strength; K = strength * T.
         ``seed`` gives image i the seed ``seed + i`` (or pass one seed per image), so any image can be
-        regenerated alone.
+        regenerated alone. ``generator`` (instead of seed, as in diffusers): one ``torch.Generator`` for the batch
+        or one per image, drawing every stage's noise in turn.
+        ``batch_size``: images per UNet batch (default: ``default_batch_size`` of the target); with seeds, the
+        images do not depend on it.
+        ``prompt_embeds``, ``negative_prompt_embeds`` (SDXL: and the pooled ones), ``clip_skip`` and
+        ``cross_attention_kwargs`` (e.g. ``{"scale": 0.7}`` for a loaded LoRA) work as in diffusers' pipelines.
+        ``callback_on_step_end(pipe, i, t, {"latents": ...})`` runs after every step of every stage (``i`` counts
+        within the stage, ``pipe.current_stage`` names it); latents it returns replace the sampler's.
         ``upsamplers`` (mode="tuned"): a tuned feature-upsampler bank, its folder or hub id, or one per
-        stage after the first; a bank shaped for another model raises a ValueError.
+        stage after the first; a bank shaped for another model raises a ValueError, one tuned for another K,
+        scale or size logs a warning.
         ``image``: upscale this instead of sampling stage 0: [B, 3, H, W] (video: [B, 3, F, H, W]) in [0, 1] at
         the plan's first size (the model's base size), one per prompt and image.
         ``window_attention``: the cascade's final stage runs its top-level self-attention in shifted 2x2 windows
@@ -318,8 +434,14 @@ class SelfCascadePipeline:
         """
         bb = self.backbone
         # 1. check inputs and resolve defaults
+        lora_scale = (cross_attention_kwargs or {}).get("scale")
+        prompt_options = {k: v for k, v in dict(
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            clip_skip=clip_skip, lora_scale=lora_scale).items() if v is not None}
         prompts = self.check_inputs(prompt, negative_prompt, mode, num_inference_steps, num_images_per_prompt,
-                                    pivot_space, output_type, num_frames)
+                                    pivot_space, output_type, num_frames, batch_size, prompt_options, seed, generator,
+                                    callback_on_step_end_tensor_inputs, cross_attention_kwargs)
         if bb.is_video and num_frames is None:
             num_frames = bb.default_num_frames
         base_h, base_w = bb.base_size
@@ -345,28 +467,39 @@ class SelfCascadePipeline:
             pivot_space = pivot_space or RIVAL_PIVOT_SPACE.get(mode, "latent")
         guidance = (bb.stage_guidance(plan.num_stages) if guidance_scale is None
                     else self._guidance(guidance_scale, plan.num_stages))
-        batch = len(prompts) * num_images_per_prompt
-        seeds = self._seeds(seed, batch)
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+        num_prompts = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+        batch = num_prompts * num_images_per_prompt
+        chunk = batch_size or default_batch_size(height, width, num_frames)
+        negatives = [negative_prompt] * num_prompts if isinstance(negative_prompt, str) else negative_prompt
         if upsamplers is not None and mode != "tuned":
             raise ValueError(f"upsamplers only apply to mode='tuned', got mode={mode!r}.")
         banks = self._stage_banks(upsamplers, plan) if mode == "tuned" else None
+        if banks is not None:
+            self._check_banks(banks, plan, k)
         if window_attention and (mode not in ("tuning-free", "tuned") or plan.num_stages < 2):
             raise ValueError("window_attention windows the final stage of a cascade: use mode='tuning-free' or "
                              f"'tuned' with a target above the base size, not mode={mode!r} at {height}x{width}.")
 
         # 2. encode the prompt once for all stages (and once per zoom for a model trained with a scale cue)
         do_cfg = any(g > 1.0 for g in guidance)
-        embeds = bb.encode_prompt(prompts, negatives, num_images_per_prompt, do_cfg)
+        embeds = bb.encode_prompt(prompts, negatives, num_images_per_prompt, do_cfg, **prompt_options)
         for zoom in sorted({bb.stage_zoom(h, w) for h, w in plan.stages} - {1}):
             embeds.zoomed[zoom] = bb.encode_prompt([zoom_prompt(p, zoom, bb.zoom_cue) for p in prompts], negatives,
                                                    num_images_per_prompt, do_cfg)
 
-        # 3. one generator per image per stage
-        gen_device = "cpu" if bb.device.type == "mps" else bb.device
-        generators = [
-            [torch.Generator(gen_device).manual_seed(stage_seed(s, r)) for s in seeds] for r in range(plan.num_stages)
-        ]
+        # 3. one generator per image per stage, or the caller's for every stage
+        if generator is None:
+            seeds: list[int | None] = list(self._seeds(seed, batch))
+            gen_device = "cpu" if bb.device.type == "mps" else bb.device
+            generators: list[Any] = [[torch.Generator(gen_device).manual_seed(stage_seed(s, r)) for s in seeds]
+                                     for r in range(plan.num_stages)]
+        else:
+            if isinstance(generator, list) and len(generator) != batch:
+                raise ValueError(f"got {len(generator)} generators for {batch} images; give one per image or one.")
+            seeds = [None] * batch
+            generators = [generator] * plan.num_stages
+        first = generator[0] if isinstance(generator, list) else generator
+        rival_seed = seeds[0] if first is None else first.initial_seed()
 
         start = None
         if image is not None:
@@ -376,28 +509,36 @@ class SelfCascadePipeline:
                 raise ValueError(f"image= is upscaled by the cascade's own stages; mode={mode!r} does not take it.")
             start = bb.encode(image.to(bb.device, torch.float32))
 
-        # 4. sample every stage (attn-sf, redilate, hidiffusion and deep-shrink alter the UNet for this call only;
-        #    demofusion and freescale bring their own step loop)
+        # 4. sample every stage, ``chunk`` images at a time (attn-sf, redilate, hidiffusion and deep-shrink alter the
+        #    UNet for this call only; demofusion and freescale bring their own step loop)
         stage_context = tuned_stage_context(bb.unet, banks) if banks is not None else None
         if window_attention:
             stage_context = windowed_final_stage(bb.unet, plan.num_stages, stage_context)
         sampler = rival_sampler(mode) or sample_cascade
-        with baseline_context(mode, bb.unet, plan, num_train_timesteps), rival_context(mode, bb, num_inference_steps, seeds[0]):
-            result = sampler(
-                bb, plan, embeds, generators, num_inference_steps=num_inference_steps, k=k,
-                guidance_scales=guidance, pivot_space=pivot_space, callback=callback, progress=progress,
-                stage_context=stage_context, num_frames=num_frames, start_latents=start,
-            )
+        step_callback = self._step_end(callback, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        unet_kwargs = {"cross_attention_kwargs": cross_attention_kwargs} if cross_attention_kwargs else None
+        results: list[CascadeResult] = []
+        with baseline_context(mode, bb.unet, plan, num_train_timesteps), rival_context(mode, bb, num_inference_steps, rival_seed):
+            for lo in range(0, batch, chunk):
+                rows = slice(lo, lo + chunk)
+                results.append(sampler(
+                    bb, plan, embeds.select(rows), [g[rows] if isinstance(g, list) else g for g in generators],
+                    num_inference_steps=num_inference_steps, k=k, guidance_scales=guidance, pivot_space=pivot_space,
+                    callback=step_callback, progress=progress, stage_context=stage_context, num_frames=num_frames,
+                    start_latents=None if start is None else start[rows], unet_kwargs=unet_kwargs,
+                ))
+        stage_latents = [torch.cat(parts) for parts in zip(*(result.stage_latents for result in results))]
 
-        # 5. decode
-        wanted = result.stage_latents if return_stages else result.stage_latents[-1:]
+        # 5. decode, ``chunk`` images at a time
+        wanted = stage_latents if return_stages else stage_latents[-1:]
         decoded = []
         for (h, w), latents in zip(plan.stages[-len(wanted):], wanted):
             if output_type == "latent":
                 decoded.append(latents)
                 continue
-            with torch.no_grad(), bb.decode_context(h, w, batch):
-                decoded.append(_to_output(bb.decode(latents), output_type))
+            with torch.no_grad(), bb.decode_context(h, w, min(chunk, batch)):
+                images = torch.cat([bb.decode(part) for part in latents.split(chunk)])
+            decoded.append(_to_output(images, output_type))
         settings = {
             "model": bb.name, "mode": mode, "height": height, "width": width, "steps": num_inference_steps,
             "guidance_scale": guidance, "K": k, "pivot_space": pivot_space,
@@ -414,17 +555,9 @@ class SelfCascadePipeline:
             settings["strength"] = strength
         if banks is not None:
             settings["upsamplers"] = [None if b is None else b.config.get("_name_or_path", "in-memory") for b in banks]
+        for name, value in (("clip_skip", clip_skip), ("cross_attention_kwargs", cross_attention_kwargs)):
+            if value is not None:
+                settings[name] = value
         return CascadeOutput(images=decoded[-1], plan=plan, seeds=seeds, settings=settings,
                              stages=decoded if return_stages else [])
 
-
-def _make_scheduler(choice: str | Any, current: Any) -> Any:
-    if isinstance(choice, str):
-        if choice == "pipeline":
-            return current
-        if choice == "ddim":
-            from diffusers import DDIMScheduler
-
-            return DDIMScheduler.from_config(current.config)
-        raise ValueError(f"scheduler must be 'ddim', 'pipeline' or a diffusers scheduler instance, got {choice!r}.")
-    return choice

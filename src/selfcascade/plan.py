@@ -68,23 +68,27 @@ def make_plan(
     max_ratio: float = DEFAULT_MAX_RATIO,
     single_stage: bool = False,
     single_jump: bool = False,
+    final_multiple: int | None = None,
 ) -> ScalePlan:
     """Build the stage sizes for sampling ``height x width`` with a model trained at ``base``.
 
-    ``multiple`` is what every side must divide by (``vae_scale_factor * 2**downsamplings``).
+    ``multiple`` is what every intermediate side must divide by (``vae_scale_factor * 2**downsamplings``);
+    ``final_multiple`` what the target's sides must divide by (default ``multiple``; diffusers' pipelines take
+    any multiple of ``vae_scale_factor`` there, the UNet padding odd latent sizes).
     ``single_stage`` gives direct inference: one stage at the target size.
     ``single_jump`` keeps the base stage and jumps straight to the target (upscale then img2img, "hires fix").
     """
     base_hw = (base, base) if isinstance(base, int) else tuple(base)
+    final_multiple = multiple if final_multiple is None else final_multiple
     for name, value in (("height", height), ("width", width), ("base height", base_hw[0]),
-                        ("base width", base_hw[1]), ("multiple", multiple)):
+                        ("base width", base_hw[1]), ("multiple", multiple), ("final multiple", final_multiple)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     for name, value in (("height", height), ("width", width)):
-        if value % multiple:
+        if value % final_multiple:
             raise ValueError(
-                f"{name}={value} is not a multiple of {multiple}, which this model's UNet needs; "
-                f"use {_nearest_valid(value, multiple)}."
+                f"{name}={value} is not a multiple of {final_multiple}, which this model needs; "
+                f"use {_nearest_valid(value, final_multiple)}."
             )
     base_pixels = base_hw[0] * base_hw[1]
     target_pixels = height * width

@@ -139,6 +139,25 @@ class UpsamplerBank(ModelMixin, ConfigMixin):
         return [up(f, s, time_features) for up, f, s in zip(self.upsamplers, features, sizes)]
 
 
+#: How far a stage's pixel ratio or side may stray from what a bank was tuned for before a call is warned.
+SCALE_TOLERANCE = 0.25
+
+
+def bank_mismatches(bank: UpsamplerBank, k: int, scale: float, size: tuple[int, int]) -> list[str]:
+    """What differs between how ``bank`` was tuned and a stage that runs it (K, pixel ratio, side), both named."""
+    config = bank.config
+    problems = []
+    if int(config.K) != k:
+        problems.append(f"tuned at K={config.K}, this call re-noises pivots to K={k}")
+    if abs(scale / float(config.scale) - 1) > SCALE_TOLERANCE:
+        problems.append(f"tuned for {float(config.scale):g}x pixels per stage, this stage grows {scale:.2g}x")
+    if config.train_size:
+        trained, side = max(config.train_size), max(size)
+        if abs(side / trained - 1) > SCALE_TOLERANCE:
+            problems.append(f"tuned at {trained} px, this stage is {side} px")
+    return problems
+
+
 def load_bank(bank: "UpsamplerBank | str", **kwargs) -> UpsamplerBank:
     """A bank as given, or loaded from a folder or hub id."""
     if isinstance(bank, UpsamplerBank):

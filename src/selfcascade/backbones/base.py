@@ -49,6 +49,18 @@ class PromptEmbeds:
     def batch_size(self) -> int:
         return self.embeds.shape[0]
 
+    def select(self, rows: slice) -> "PromptEmbeds":
+        """The conditioning of images ``rows`` only (a chunk of the batch), zoomed variants included."""
+        def cut(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[rows]
+
+        return PromptEmbeds(
+            embeds=self.embeds[rows], negative=cut(self.negative), mask=cut(self.mask),
+            negative_mask=cut(self.negative_mask), extra={k: v[rows] for k, v in self.extra.items()},
+            negative_extra={k: v[rows] for k, v in self.negative_extra.items()},
+            zoomed={zoom: e.select(rows) for zoom, e in self.zoomed.items()},
+        )
+
 
 class Backbone:
     """Frozen UNet + scheduler + the model-specific pieces around them.
@@ -77,6 +89,9 @@ class Backbone:
     zoom_factors: tuple[int, ...] = ()
     #: The model's folder, where its settings file and shipped banks live (None: a hub id or in-memory model).
     model_dir: Path | None = None
+    #: Keyword arguments of diffusers' ``encode_prompt`` this backbone passes through (precomputed embeddings,
+    #: ``clip_skip``, ``lora_scale``); a model with its own text encoder takes none.
+    prompt_options: frozenset[str] = frozenset()
 
     def __init__(self, unet: torch.nn.Module, scheduler: Any) -> None:
         self.unet = unet
@@ -112,9 +127,22 @@ class Backbone:
             self.zoom_cue = str(settings["zoom_cue"])
             self.zoom_factors = tuple(int(z) for z in settings.get("zoom_factors", (2, 4)))
 
+    def model_settings(self) -> dict[str, Any]:
+        """The sampling defaults ``use_model_folder`` reads, as ``selfcascade.json`` holds them (unset ones left out)."""
+        settings = {"guidance_scale": self.default_guidance_scale, "refine_guidance_scale": self.default_refine_guidance_scale,
+                    "K": self.sampling_k, "zoom_cue": self.zoom_cue,
+                    "zoom_factors": list(self.zoom_factors) if self.zoom_cue else None}
+        return {k: v for k, v in settings.items() if v is not None}
+
     # ----------------------------------------------------------------------------- properties
     @property
     def device(self) -> torch.device:
+        """Where the sampler computes: the UNet's parameters, unless accelerate hooks (CPU offload, ``device_map``)
+        keep them elsewhere and move them to their execution device for each forward."""
+        for module in self.unet.modules():
+            device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+            if device is not None:
+                return torch.device(device)
         return next(self.unet.parameters()).device
 
     @property
@@ -140,6 +168,12 @@ class Backbone:
             1 for block in self.unet.down_blocks if getattr(block, "downsamplers", None) is not None
         )
         return self.spatial_factor * 2**downsamplings
+
+    @property
+    def final_multiple(self) -> int:
+        """What the target's sides must divide by: one latent cell (diffusers' own check, 8 px on SD/SDXL); the
+        UNet pads odd latent sizes itself, so only the intermediate stages round to ``size_multiple``."""
+        return self.spatial_factor
 
     @property
     def base_size(self) -> tuple[int, int]:
@@ -190,8 +224,10 @@ class Backbone:
 
     # ------------------------------------------------------------------------ model specifics
     def encode_prompt(
-        self, prompt: list[str], negative_prompt: list[str] | None, num_images_per_prompt: int, do_cfg: bool
+        self, prompt: list[str] | None, negative_prompt: list[str] | None, num_images_per_prompt: int, do_cfg: bool,
+        **options: Any,
     ) -> PromptEmbeds:
+        """``options``: any of ``prompt_options`` (checked by the caller)."""
         raise NotImplementedError
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

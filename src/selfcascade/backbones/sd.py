@@ -70,7 +70,7 @@ class LatentBackbone(Backbone):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         with self._vae_precision() as dtype:
-            dist = self.vae.encode((images * 2 - 1).to(self.vae.device, dtype)).latent_dist
+            dist = self.vae.encode((images * 2 - 1).to(self.device, dtype)).latent_dist
             z = dist.mode()
         mean, std = self._latent_stats(z)
         return ((z - mean) / std).to(self.dtype)
@@ -92,10 +92,13 @@ class LatentBackbone(Backbone):
 class SDBackbone(LatentBackbone):
     """diffusers ``StableDiffusionPipeline`` (SD 1.x / 2.x)."""
 
+    prompt_options = frozenset({"prompt_embeds", "negative_prompt_embeds", "clip_skip", "lora_scale"})
+
     def encode_prompt(
-        self, prompt: list[str], negative_prompt: list[str] | None, num_images_per_prompt: int, do_cfg: bool
+        self, prompt: list[str] | None, negative_prompt: list[str] | None, num_images_per_prompt: int, do_cfg: bool,
+        **options: Any,
     ) -> PromptEmbeds:
         embeds, negative = self.pipe.encode_prompt(
-            prompt, self.device, num_images_per_prompt, do_cfg, negative_prompt=negative_prompt
+            prompt, self.device, num_images_per_prompt, do_cfg, negative_prompt=negative_prompt, **options
         )
         return PromptEmbeds(embeds=embeds, negative=negative if do_cfg else None)

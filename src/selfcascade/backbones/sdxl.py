@@ -7,6 +7,8 @@ wide, nor the reverse.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .base import PromptEmbeds
@@ -16,8 +18,12 @@ from .sd import LatentBackbone
 class SDXLBackbone(LatentBackbone):
     """diffusers ``StableDiffusionXLPipeline``."""
 
+    prompt_options = frozenset({"prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                                "negative_pooled_prompt_embeds", "clip_skip", "lora_scale"})
+
     def encode_prompt(
-        self, prompt: list[str], negative_prompt: list[str] | None, num_images_per_prompt: int, do_cfg: bool
+        self, prompt: list[str] | None, negative_prompt: list[str] | None, num_images_per_prompt: int, do_cfg: bool,
+        **options: Any,
     ) -> PromptEmbeds:
         embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
             prompt,
@@ -25,6 +31,7 @@ class SDXLBackbone(LatentBackbone):
             num_images_per_prompt=num_images_per_prompt,
             do_classifier_free_guidance=do_cfg,
             negative_prompt=negative_prompt,
+            **options,
         )
         return PromptEmbeds(
             embeds=embeds,

@@ -15,6 +15,7 @@ from typing import ContextManager
 
 from torch import nn
 
+from ..modes import BASELINE_MODES
 from ..plan import ScalePlan
 from .attn_sf import ScaledSelfAttnProcessor, scaled_self_attention
 from .hires_fix import DEFAULT_STRENGTH, strength_to_k
@@ -25,8 +26,6 @@ __all__ = [
     "BASELINE_MODES", "DEFAULT_STRENGTH", "RIVAL_MODES", "REDILATE_ABOVE", "UNDILATED_LEVELS", "ScaledSelfAttnProcessor",
     "baseline_context", "redilated", "redilation_factor", "scaled_self_attention", "strength_to_k",
 ]
-
-BASELINE_MODES: tuple[str, ...] = ("attn-sf", "redilate", "hires-fix")
 
 
 def baseline_context(mode: str, unet: nn.Module, plan: ScalePlan, num_train_timesteps: int) -> ContextManager:

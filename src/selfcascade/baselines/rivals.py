@@ -14,13 +14,13 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Any, Callable, ContextManager
 
+from ..modes import RIVAL_MODES
 from ..plan import ScalePlan
 from .deep_shrink import deep_shrink
 from .demofusion import demofusion_plan, sample_demofusion
 from .freescale import sample_freescale
 from .hidiffusion import hidiffusion_applied
 
-RIVAL_MODES: tuple[str, ...] = ("hidiffusion", "demofusion", "freescale", "deep-shrink")
 #: Rivals that sample the target in one pass, from noise.
 SINGLE_STAGE_RIVALS = frozenset({"hidiffusion", "deep-shrink"})
 #: Rivals whose stages r >= 1 always run the whole schedule (so K does not apply).

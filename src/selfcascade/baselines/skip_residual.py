@@ -20,8 +20,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from ..backbones.base import Backbone, PromptEmbeds
-from ..cascade import (CascadeResult, PivotSpace, StageContext, StepCallback, _step_kwargs, _upsample_pivot, renoise,
-                       sample_cascade, tail_timesteps)
+from ..cascade import (CascadeResult, PivotSpace, StageContext, StepCallback, _step_kwargs, _upsample_pivot, after_step,
+                       renoise, sample_cascade, tail_timesteps)
 from ..plan import ScalePlan
 
 #: predict(latents, t, inputs, guidance, stage, step) -> guided noise prediction at a stage r >= 1.
@@ -85,7 +85,6 @@ def sample_with_skip_residuals(
                 else:
                     noise_pred = predict(latents, t, inputs, guidance, r, i)
                 latents = scheduler.step(noise_pred, t, latents, return_dict=False, **step_kwargs)[0]
-                if callback is not None:
-                    callback(r, i, t, latents)
+                latents = after_step(callback, r, i, t, latents)
         stage_latents.append(latents)
     return CascadeResult(stage_latents)

@@ -112,7 +112,7 @@ def test_zoom_windows_are_crops_of_the_larger_renders_with_the_scale_cue(tmp_pat
     assert crops, "a window must be an exact crop of the 2x render"
 
 
-def test_ship_then_export_a_stock_folder_with_the_scale_cue(tmp_path: Path, vae_dir: Path, data) -> None:
+def test_ship_then_export_a_stock_folder_with_the_scale_cue(tmp_path: Path, vae_dir: Path, data, monkeypatch) -> None:
     """A run shipped into a package-style folder loads as the embedded pipeline (fp16 storage, fp32 compute), and
     `export-embedded` turns that folder into a stock SD folder that keeps the sampling defaults and banks."""
     import shutil
@@ -142,3 +142,11 @@ def test_ship_then_export_a_stock_folder_with_the_scale_cue(tmp_path: Path, vae_
     assert stock("red apple", height=32, width=32, num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
     cascade = SelfCascadePipeline.from_pretrained(out, device="cpu")
     assert cascade.backbone.zoom_cue == embedded_sd.ZOOM_CUE and cascade.backbone.default_k == 700
+    # "embedded" is the v2 pixel-space model until v3 is shipped, then this SD model with its settings
+    monkeypatch.setattr(embedded_sd, "SHIPPED_DIR", tmp_path / "not-shipped")
+    assert type(SelfCascadePipeline.from_pretrained("embedded", device="cpu").backbone).__name__ == "EmbeddedBackbone"
+    monkeypatch.setattr(embedded_sd, "SHIPPED_DIR", shipped)
+    embedded = SelfCascadePipeline.from_pretrained("embedded", device="cpu")
+    assert type(embedded.backbone).__name__ == "SDBackbone" and embedded.backbone.name == "embedded"
+    assert embedded.backbone.zoom_cue == embedded_sd.ZOOM_CUE and embedded.backbone.base_size == (32, 32)
+    assert type(SelfCascadePipeline.from_pretrained("embedded-v2", device="cpu").backbone).__name__ == "EmbeddedBackbone"

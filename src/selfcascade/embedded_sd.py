@@ -102,16 +102,17 @@ def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str]) -> torch.Ten
     return text_encoder(tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))[0]
 
 
-def is_shipped(folder: Path = SHIPPED_DIR) -> bool:
+def is_shipped(folder: Path | None = None) -> bool:
     """Whether the v3 model's trained UNet is in this install (until it is, "embedded" is the v2 model)."""
-    return (folder / "unet" / "config.json").is_file()
+    return ((folder or SHIPPED_DIR) / "unet" / "config.json").is_file()
 
 
-def load_embedded_pipeline(folder: Path | str = SHIPPED_DIR, max_length: int = DEFAULT_MAX_LENGTH):
-    """A stock ``StableDiffusionPipeline`` of the shipped parts and MiniLM (from its installed package)."""
+def load_embedded_pipeline(folder: Path | str | None = None, max_length: int = DEFAULT_MAX_LENGTH):
+    """A stock ``StableDiffusionPipeline`` of the shipped parts (default: the package's) and MiniLM (from its
+    installed package)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    folder = Path(folder)
+    folder = Path(folder or SHIPPED_DIR)
     if not is_shipped(folder):
         raise FileNotFoundError(f"{folder / 'unet'} not found: the v3 embedded model is not in this install; train "
                                 "it with `selfcascade train-sd` and export it with `selfcascade export-embedded`.")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import embedded_sd
 from .backbones import Backbone, backbone_from_pipe
 from .backbones.base import BANKS_DIR, MODEL_SETTINGS_FILE, zoom_prompt
 from .baselines import baseline_context, hires_fix
@@ -55,10 +56,11 @@ StepEndCallback = Callable[[Any, int, torch.Tensor, dict[str, torch.Tensor]], di
 #: A bank, its folder or hub id; or one per stage r >= 1 (None: that stage runs tuning-free).
 Upsamplers = UpsamplerBank | str | os.PathLike | Sequence["UpsamplerBank | str | os.PathLike | None"]
 OutputType = Literal["pil", "np", "pt", "latent"]
-#: Name under which the model the project trains and ships is loaded.
+#: Name under which the model the project trains and ships is loaded: the v3 tiny Stable Diffusion once its
+#: weights are in the install (``embedded_sd.is_shipped``), else the v2 pixel-space model.
 EMBEDDED_NAME = "embedded"
-#: Names that load a model shipped inside the package (the image default and its video sibling).
-EMBEDDED_NAMES = (EMBEDDED_NAME, "embedded-video")
+#: Names that load a pixel-space model shipped inside the package (v2 and its video sibling).
+EMBEDDED_NAMES = (EMBEDDED_NAME, "embedded-v2", "embedded-video")
 
 
 def default_device() -> torch.device:
@@ -164,6 +166,11 @@ class SelfCascadePipeline:
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         path = Path(name_or_path)
+        if str(name_or_path) == EMBEDDED_NAME and embedded_sd.is_shipped():
+            pipe = embedded_sd.load_embedded_pipeline().to(device, dtype)
+            cascade = cls.from_pipe(pipe, scheduler=scheduler)
+            cascade.backbone.name = EMBEDDED_NAME
+            return cascade
         if str(name_or_path) in EMBEDDED_NAMES or (path / "selfcascade_model.json").is_file():
             from .backbones.embedded import EmbeddedBackbone
 

@@ -25,7 +25,8 @@ from tqdm import tqdm
 from .backbones.base import BANKS_DIR, MODEL_SETTINGS_FILE, zoom_prompt
 from .checkpoints import find_checkpoint, read_checkpoint_state
 from .commands import add_command, run_module
-from .embedded_sd import (BASE_SIZE, DEFAULT_SAMPLING, SD15_UNET, SHIPPED_DIR, ZOOM_CUE, build_sd_scheduler,
+from . import embedded_sd
+from .embedded_sd import (BASE_SIZE, DEFAULT_SAMPLING, SD15_UNET, ZOOM_CUE, build_sd_scheduler,
                           build_sd_unet, encode_prompts, load_embedded_pipeline, load_text_components, save_sd_folder)
 from .io import atomic_dir, atomic_path
 from .text_encoder import DEFAULT_MAX_LENGTH
@@ -246,10 +247,11 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
                           build_sd_scheduler(settings["prediction_type"]), state, run_sampling(settings))
 
 
-def ship_run(run_dir: Path, folder: Path = SHIPPED_DIR) -> Path:
+def ship_run(run_dir: Path, folder: Path | None = None) -> Path:
     """Put a run's EMA UNet (fp16), scheduler, ``train_state.json`` and sampling defaults into the package's v3
     folder, beside its VAE and banks; sampling values already chosen there (by measurement) are kept."""
     state, unet = _run_unet(run_dir)
+    folder = folder or embedded_sd.SHIPPED_DIR
     settings_file = folder / MODEL_SETTINGS_FILE
     sampling = {**run_sampling(state["args"]),
                 **(json.loads(settings_file.read_text()) if settings_file.is_file() else {})}
@@ -264,8 +266,9 @@ def ship_run(run_dir: Path, folder: Path = SHIPPED_DIR) -> Path:
     return folder
 
 
-def export_embedded(out_dir: Path, folder: Path = SHIPPED_DIR) -> Path:
+def export_embedded(out_dir: Path, folder: Path | None = None) -> Path:
     """The shipped v3 model as a complete stock SD folder: weights, MiniLM, sampling defaults and banks."""
+    folder = folder or embedded_sd.SHIPPED_DIR
     pipe = load_embedded_pipeline(folder)
     settings_file = folder / MODEL_SETTINGS_FILE
     sampling = json.loads(settings_file.read_text()) if settings_file.is_file() else dict(DEFAULT_SAMPLING)

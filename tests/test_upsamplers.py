@@ -248,3 +248,42 @@ def test_embedded_tuned_mode_defaults_to_the_banks_shipped_beside_the_model(tmp_
     cascade = SelfCascadePipeline(bb)
     banks = cascade._stage_banks(None, cascade.plan(32, 32))  # base 8 px: stages 16 and 32
     assert [b.config.train_size for b in banks] == [[16, 16], [32, 32]]
+
+
+# ------------------------------------------------------------------------------ training memory and resuming
+def test_gradient_checkpointing_and_sliced_encoding_give_the_same_gradients(tiny_sd_fresh):
+    """Checkpointing recomputes the frozen UNet's activations in backward; the bank's gradients must not change,
+    nor may encoding pivots a few images at a time change the cache."""
+    bb = SelfCascadePipeline.from_pipe(tiny_sd_fresh).backbone
+    bb.freeze()
+    data = ImageCaptions(torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8), ["red apple", "the pear", "a cat"])
+    z0, embeds, features = PivotCache(bb, data, low_size=16, encode_batch=3).batch([0, 1, 2], [False] * 3)
+    z1, _, features1 = PivotCache(bb, data, low_size=16, encode_batch=1).batch([0, 1, 2], [False] * 3)
+    torch.testing.assert_close(z1, z0)
+    torch.testing.assert_close(features1, features)
+    bank = _randomise(UpsamplerBank.for_unet(bb.unet))
+    t, noise = torch.tensor([100, 500, 900]), torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
+
+    def grads() -> list[torch.Tensor]:
+        bank.zero_grad()
+        tuning_loss(bb, bank, z0, embeds, features, t, noise).backward()
+        return [p.grad.clone() for p in bank.parameters()]
+
+    plain = grads()
+    bb.unet.enable_gradient_checkpointing()
+    torch.testing.assert_close(grads(), plain)
+    assert all(p.grad is None for p in bb.unet.parameters())
+
+
+def test_resuming_under_other_settings_names_each_difference(tiny_sd_dir, caption_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["train-upsamplers", "--model", str(tiny_sd_dir), "--data", str(caption_folder), "--batch-size", "1",
+              "--run-dir", str(run), "--threads", "1", "--validate-every", "0", "--max-steps", "2"]
+    assert main([*common, "--size", "64", "--grad-accum", "2", "--gradient-checkpointing", "--encode-batch", "1"]) == 0
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert state["signature"]["scale"] == 4.0 and state["signature"]["size"] == [32, 64]
+    assert main([*common, "--scale", "16", "--size", "128", "--max-steps", "3"]) == 2
+    error = capsys.readouterr().err
+    assert "scale: 4.0 in the run, 16.0 now" in error and "size: [32, 64] in the run, [32, 128] now" in error
+    assert "--run-dir" in error
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 2  # nothing was trained

@@ -12,7 +12,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -75,13 +75,23 @@ def load_optimizer(optimizer: torch.optim.Optimizer, path: Path, state: dict) ->
     optimizer.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})
 
 
-def optimizer_step(accelerator, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params, grad_clip: float) -> None:
-    """Backward through accelerate (mixed precision, several processes), clip the gradient norm (0: off), step."""
+def optimizer_step(accelerator, loss: torch.Tensor | Iterable[torch.Tensor], optimizer: torch.optim.Optimizer, params,
+                   grad_clip: float) -> torch.Tensor:
+    """Backward through accelerate (mixed precision, several processes), clip the gradient norm (0: off), step.
+
+    ``loss`` may be an iterable of micro-batch losses (gradient accumulation, each already divided by their
+    count): each is backpropagated as soon as it is made, so one micro-batch's graph is alive at a time. Returns
+    the (summed) loss, detached.
+    """
     optimizer.zero_grad(set_to_none=True)
-    accelerator.backward(loss)
+    total = torch.zeros(())
+    for part in [loss] if isinstance(loss, torch.Tensor) else loss:
+        accelerator.backward(part)
+        total = total.to(part.device) + part.detach()
     if grad_clip > 0:
         accelerator.clip_grad_norm_(params, grad_clip)
     optimizer.step()
+    return total
 
 
 def record_loss(accelerator, loss: torch.Tensor, state: dict, step: int, bar, log_every: int = 0,

@@ -29,7 +29,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -235,8 +235,10 @@ class PivotCache:
     a batch of B clips gets the B*F rows in the order the UNet makes them.
     """
 
-    def __init__(self, backbone: Backbone, data: ImageCaptions, low_size: int, max_bytes: float = 4 * 2**30) -> None:
+    def __init__(self, backbone: Backbone, data: ImageCaptions, low_size: int, max_bytes: float = 4 * 2**30,
+                 encode_batch: int = 8) -> None:
         self.backbone = backbone
+        self.encode_batch = encode_batch
         self.data = data
         self.low_size = low_size
         self.max_bytes = max_bytes
@@ -250,14 +252,19 @@ class PivotCache:
         low = resize_spatial(images, (self.low_size, self.low_size), "bicubic", antialias=True).clamp(0, 1)
         captions = ["" if dropped else self.data.captions[i] for i, dropped in keys]
         embeds = bb.encode_prompt(captions, None, 1, do_cfg=False)
-        z_low = bb.encode(low)
+        z_low = self._encode(low)
         inputs = bb.unet_inputs(embeds, self.low_size, self.low_size, do_cfg=False)
         features = pivot_features(bb.unet, z_low, inputs, do_cfg=False)
-        z_high = bb.encode(images)
+        z_high = self._encode(images)
         rows = features[0].shape[0] // len(keys)  # 1 per image, F per clip
         return [{"z": z_high[j].cpu(), "text": {k: v.cpu() for k, v in row.items()},
                  "features": [f[j * rows:(j + 1) * rows].cpu() for f in features]}
                 for j, row in enumerate(_split_embeds(embeds))]
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        """VAE-encode ``encode_batch`` images at a time, tiled and sliced as decoding at that size is."""
+        with self.backbone.decode_context(*images.shape[-2:], min(len(images), self.encode_batch)):
+            return torch.cat([self.backbone.encode(chunk) for chunk in images.split(self.encode_batch)])
 
     def batch(self, indices: Sequence[int], dropped: Sequence[bool]) -> tuple[torch.Tensor, PromptEmbeds, list[torch.Tensor]]:
         """(high-res latents, text conditioning, pivot features per level) of a batch, on the device."""
@@ -348,6 +355,27 @@ def _validation_grid(cascade, bank: UpsamplerBank, prompts: list[str], size: int
     return make_grid(rows, ["tuning-free", "tuned"], [p[:14] for p in prompts])
 
 
+#: What a run's checkpoint must agree with to be resumed: a bank tuned under other settings would be mixed.
+RESUME_KEYS = ("model", "scale", "K", "size", "injection", "width", "time_width", "frames")
+
+
+def run_signature(args: argparse.Namespace, model: str, k: int, low: int, high: int, frames: int | None) -> dict:
+    """The settings a run's bank depends on, stored in its checkpoint (see ``check_resume``)."""
+    return {"model": model, "scale": float(args.scale), "K": k, "size": [low, high], "injection": args.injection,
+            "width": args.width, "time_width": args.time_width, "frames": frames}
+
+
+def check_resume(run_dir: Path, saved: dict | None, wanted: dict) -> None:
+    """Refuse to resume a run made with other settings, naming each difference and the fix."""
+    if saved is None:
+        return  # a checkpoint from before signatures were recorded: nothing to compare
+    differ = [f"{key}: {saved.get(key)!r} in the run, {wanted[key]!r} now" for key in RESUME_KEYS
+              if saved.get(key) != wanted[key]]
+    if differ:
+        raise ValueError(f"{run_dir} holds a run made with other settings ({'; '.join(differ)}); rerun with its "
+                         "settings to resume it, or give a new --run-dir (--init-from its bank to start from it).")
+
+
 def _frames(backbone: Backbone, frames: int | None) -> int | None:
     """Frames per training clip for a video model (default: the emoji clips' length); None for image models."""
     if backbone.is_video:
@@ -383,9 +411,13 @@ def train(args: argparse.Namespace, data: ImageCaptions | None = None) -> dict:
         raise ValueError(f"{bb.name} tunes on {want}, but the data given is uint8 {tuple(data.images.shape)}; "
                          "pass data of that layout (for clips, --frames sets F).")
 
+    if args.gradient_checkpointing:
+        bb.unet.enable_gradient_checkpointing()  # recompute the frozen UNet's activations in backward
+    signature = run_signature(args, bb.name, k, low, high, frames)
     ckpt = find_checkpoint(run_dir)
     if ckpt is not None:
         state = read_checkpoint_state(ckpt)
+        check_resume(run_dir, state.get("signature"), signature)
         bank = UpsamplerBank.from_pretrained(ckpt / "bank")
         logger.info("resuming from %s at step %d", ckpt, state["step"])
     elif args.init_from is not None:
@@ -399,13 +431,14 @@ def train(args: argparse.Namespace, data: ImageCaptions | None = None) -> dict:
     bank.check_compatible(bb.unet, bb.name)
     bank.register_to_config(base_model=bb.name, scale=float(args.scale), K=k, train_size=[high, high])
     state["args"] = {key: (str(v) if isinstance(v, Path) else v) for key, v in vars(args).items() if key != "func"}
+    state["signature"] = signature
     bank.to(device).train()
     optimizer = torch.optim.AdamW(bank.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     if ckpt is not None:
         load_optimizer(optimizer, ckpt, state)
     state.pop("optimizer", None)
     model, optimizer = accelerator.prepare(bank, optimizer)
-    cache = PivotCache(bb, data, low, max_bytes=args.cache_gb * 2**30)
+    cache = PivotCache(bb, data, low, max_bytes=args.cache_gb * 2**30, encode_batch=args.encode_batch)
     validation_prompts = args.validation_prompts or data.captions[:4]
     n_params = bank.num_parameters()
     logger.info("tuning a %d-parameter bank (%.4f%% of the %d-parameter UNet) for %dpx -> %dpx on %s, "
@@ -420,14 +453,19 @@ def train(args: argparse.Namespace, data: ImageCaptions | None = None) -> dict:
     while step < args.max_steps:
         t0 = time.perf_counter()
         g = step_generator(args.seed, step, accelerator.process_index)
-        idx = torch.randint(0, len(data), (args.batch_size,), generator=g)
-        dropped = torch.rand(args.batch_size, generator=g) < args.caption_dropout
-        t = torch.randint(1, k + 1, (args.batch_size,), generator=g).to(device)
-        z0, embeds, features = cache.batch(idx.tolist(), dropped.tolist())
-        noise = torch.randn(z0.shape, generator=g).to(device, z0.dtype)
-        with accelerator.autocast():
-            loss = tuning_loss(bb, model, z0, embeds, features, t, noise)
-        optimizer_step(accelerator, loss, optimizer, model.parameters(), args.grad_clip)
+
+        def micro_losses() -> Iterator[torch.Tensor]:
+            """One loss per micro-batch of ``--batch-size``, ``--grad-accum`` of them per step."""
+            for _ in range(args.grad_accum):
+                idx = torch.randint(0, len(data), (args.batch_size,), generator=g)
+                dropped = torch.rand(args.batch_size, generator=g) < args.caption_dropout
+                t = torch.randint(1, k + 1, (args.batch_size,), generator=g).to(device)
+                z0, embeds, features = cache.batch(idx.tolist(), dropped.tolist())
+                noise = torch.randn(z0.shape, generator=g).to(device, z0.dtype)
+                with accelerator.autocast():
+                    yield tuning_loss(bb, model, z0, embeds, features, t, noise) / args.grad_accum
+
+        loss = optimizer_step(accelerator, micro_losses(), optimizer, model.parameters(), args.grad_clip)
         step += 1
         state["train_seconds"] += time.perf_counter() - t0
         record_loss(accelerator, loss, state, step, bar, args.log_every)
@@ -484,7 +522,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=DEFAULT_WIDTH, help="channels inside each upsampler (new banks only)")
     parser.add_argument("--time-width", type=int, default=DEFAULT_TIME_WIDTH, help="timestep features (new banks only)")
     parser.add_argument("--max-steps", type=int, default=2000, help="train until this many steps in total")
-    parser.add_argument("--batch-size", type=int, default=8, help="per process")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per micro-batch, per process")
+    parser.add_argument("--grad-accum", type=parse_positive_int, default=1,
+                        help="micro-batches per optimizer step (effective batch: batch size x this x processes)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute the frozen UNet's activations in the backward pass: less memory, ~30%% slower")
+    parser.add_argument("--encode-batch", type=parse_positive_int, default=8,
+                        help="images the VAE encodes at once when caching pivots (tiled above 1024x1024 px)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--grad-clip", type=float, default=1.0, help="0 disables")

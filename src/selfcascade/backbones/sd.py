@@ -77,7 +77,7 @@ class LatentBackbone(Backbone):
 
     @contextmanager
     def decode_context(self, height: int, width: int, batch_size: int) -> Iterator[None]:
-        """Tile above ``vae_tile_above`` pixels and slice batches, then restore the VAE's settings."""
+        """Tile above ``vae_tile_above`` pixels and slice batches, then restore the VAE's settings (encoding too)."""
         tiling, slicing = getattr(self.vae, "use_tiling", False), getattr(self.vae, "use_slicing", False)
         if self.vae_tile_above is not None and height * width > self.vae_tile_above:
             self.vae.enable_tiling()

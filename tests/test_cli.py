@@ -106,7 +106,7 @@ def test_dry_run_writes_nothing_and_prints_the_plan(tiny_sd_dir, tmp_path, capsy
 @pytest.mark.parametrize(
     "args,fix",
     [
-        (["--height", "130", "--width", "128"], "use 128 or 132"),
+        (["--height", "129", "--width", "128"], "use 128 or 130"),
         (["--height", "16", "--width", "16"], "--mode direct"),
         (["--height", "1024", "--width", "1024"], "--max-ratio"),
         (["--height", "64", "--width", "64", "--steps", "0"], "num_inference_steps must be a positive integer"),
@@ -158,3 +158,82 @@ def test_transformers_notice_about_torchvision_is_dropped_and_nothing_else():
 
     assert not logger.filter(record("`CLIPImageProcessor` requires torchvision (not installed); falling back"))
     assert logger.filter(record("Could not import module 'X'"))
+
+
+# ------------------------------------------------------------------------------------ fast help, plugins
+def test_help_imports_neither_torch_nor_diffusers():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom selfcascade.cli import main\nfor argv in (['--help'], ['generate', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert "train-upsamplers" in done.stdout and "--batch-size" in done.stdout
+
+
+def test_help_states_each_default_once():
+    text = _generate_parser().format_help()
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "base height) (default" not in " ".join(text.split())
+    assert "(default: 50)" in text  # a default the help text does not state is still shown
+
+
+def test_plugin_command_lines_match_what_their_modules_register():
+    from selfcascade.cli import _IMPORT_ERRORS, COMMANDS, PLUGIN_COMMANDS
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    registered = {action.dest: action.help for action in sub._choices_actions if action.dest not in COMMANDS}
+    loaded = {name: line for name, (module, line) in PLUGIN_COMMANDS.items() if module not in _IMPORT_ERRORS}
+    assert registered == {**loaded, **{n: PLUGIN_COMMANDS[n][1] for n in PLUGIN_COMMANDS if n not in loaded}}
+
+
+def test_scheduler_names_and_batch_size_reach_the_call(tiny_sd_dir, tmp_path, capsys):
+    assert _generate(tiny_sd_dir, "--scheduler", "DPM++ 2M Karras", "--batch-size", "2", "--seeds", "0-2",
+                     "--dry-run", "-o", str(tmp_path / "a.png")) == 0
+    settings = json.loads(capsys.readouterr().out.split("\nscale plan")[0])
+    assert settings["scheduler"] == "DPMSolverMultistepScheduler" and settings["batch_size"] == 2
+
+
+# ------------------------------------------------------------------------------------ loading what users have
+def _tiny_lora(folder):
+    """A random LoRA on the tiny SD UNet's attention, saved as diffusers' load_lora_weights reads it."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from selfcascade.testing import make_tiny_sd
+
+    unet = make_tiny_sd().unet
+    torch.manual_seed(1)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                init_lora_weights=False))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def test_lora_file_at_a_scale_and_a_replacement_vae(tiny_sd_dir, tmp_path):
+    pytest.importorskip("peft")
+    from selfcascade.testing import make_tiny_sd
+
+    lora = _tiny_lora(tmp_path / "lora")
+    outputs = {}
+    for name, extra in (("plain", []), ("zero", ["--lora", f"{lora}:0"]), ("full", ["--lora", str(lora)]),
+                        ("vae", ["--vae", str(tmp_path / "vae")])):
+        if name == "vae":
+            make_tiny_sd(seed=3).vae.save_pretrained(tmp_path / "vae")
+        assert _generate(tiny_sd_dir, *extra, "-o", str(tmp_path / f"{name}.png")) == 0
+        outputs[name] = np.asarray(Image.open(tmp_path / f"{name}.png"), dtype=np.int16)
+    assert np.array_equal(outputs["zero"], outputs["plain"])  # scale 0: the LoRA adds nothing
+    assert np.abs(outputs["full"] - outputs["plain"]).max() > 2
+    assert np.abs(outputs["vae"] - outputs["plain"]).max() > 2
+
+
+def test_config_is_for_single_file_checkpoints_only(tiny_sd_dir, tmp_path, capsys):
+    assert _generate(tiny_sd_dir, "--config", str(tiny_sd_dir), "-o", str(tmp_path / "a.png")) == 2
+    assert "single-file checkpoint" in capsys.readouterr().err

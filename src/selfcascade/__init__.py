@@ -12,8 +12,18 @@ def _drop_torchvision_fallback_notice(record: logging.LogRecord) -> bool:
 logging.getLogger("transformers.utils.import_utils").addFilter(_drop_torchvision_fallback_notice)
 
 from .plan import ScalePlan, make_plan
-from .pipeline import CascadeOutput, SelfCascadePipeline
-from .upsamplers import TimeAwareFeatureUpsampler, UpsamplerBank
 
 __all__ = ["CascadeOutput", "ScalePlan", "SelfCascadePipeline", "TimeAwareFeatureUpsampler", "UpsamplerBank", "make_plan"]
 __version__ = "0.1.0"
+
+#: Names imported on first use (PEP 562): they import torch and diffusers, which ``selfcascade --help`` needs not.
+_LAZY = {"CascadeOutput": ".pipeline", "SelfCascadePipeline": ".pipeline", "TimeAwareFeatureUpsampler": ".upsamplers",
+         "UpsamplerBank": ".upsamplers"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,54 +9,14 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from .commands import (DTYPES, HelpFormatter, add_model_args, load_cascade, parse_guidance, parse_hw,
+                       parse_positive_int, parse_seeds)
+from .modes import MODE_HELP, MODES, VIDEO_MODES
 from .plan import DEFAULT_MAX_RATIO, make_plan
 
-#: Every value of ``SelfCascadePipeline.__call__(mode=...)`` (kept here so --help needs no torch import).
-MODES = ["tuning-free", "direct", "tuned", "attn-sf", "redilate", "hires-fix", "hidiffusion", "demofusion", "freescale",
-         "deep-shrink"]
-#: The modes video models accept (``selfcascade.pipeline.VIDEO_MODES``).
-VIDEO_MODES = ["tuning-free", "direct", "tuned", "hires-fix"]
+__all__ = ["DTYPES", "build_parser", "main", "parse_guidance", "parse_hw", "parse_positive_int", "parse_seeds"]
 
 logger = logging.getLogger("selfcascade")
-
-DTYPES = {"auto": None, "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def parse_seeds(text: str) -> list[int]:
-    """'7' -> [7]; '0-3' -> [0, 1, 2, 3]; '1,5,9' -> [1, 5, 9]."""
-    seeds: list[int] = []
-    try:
-        for part in text.split(","):
-            if "-" in part.strip()[1:]:
-                lo, hi = part.rsplit("-", 1)
-                seeds.extend(range(int(lo), int(hi) + 1))
-            else:
-                seeds.append(int(part))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"cannot read seeds {text!r}: use 7, 0-3 or 1,5,9") from None
-    if not seeds:
-        raise argparse.ArgumentTypeError(f"no seeds in {text!r}")
-    return seeds
-
-
-def parse_guidance(text: str) -> float | list[float]:
-    """'7.5' -> 7.5; '7.5,5,3' -> one value per stage."""
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"cannot read guidance {text!r}: use 7.5 or 7.5,5,3 (one per stage)") from None
-    return values[0] if len(values) == 1 else values
-
-
-def parse_hw(text: str) -> int | tuple[int, int]:
-    """'512' or '768x512' (HxW)."""
-    try:
-        if "x" in text:
-            h, w = text.lower().split("x")
-            return int(h), int(w)
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"cannot read size {text!r}: use 512 or 768x512 (HxW)") from None
 
 
 def _add_size_args(p: argparse.ArgumentParser) -> None:
@@ -67,49 +27,6 @@ def _add_size_args(p: argparse.ArgumentParser) -> None:
                    help="largest target/base pixel ratio accepted (guards memory and time)")
 
 
-def parse_positive_int(text: str) -> int:
-    """'16' -> 16; zero, negatives and non-numbers are refused by argparse, before any model loads."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _add_model_args(p: argparse.ArgumentParser, video: bool = False) -> None:
-    if video:
-        p.add_argument("--model", default="embedded-video",
-                       help="'embedded-video' (the small video model shipped with selfcascade), a diffusers "
-                            "text-to-video folder or hub id (TextToVideoSDPipeline, e.g. ali-vilab/text-to-video-ms-1.7b)")
-    else:
-        p.add_argument("--model", default="embedded",
-                       help="'embedded' (the model shipped with selfcascade), a diffusers folder, or a hub id")
-    p.add_argument("--scheduler", default="ddim", help="'ddim' (paper) or 'pipeline' (keep the model's own)")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="auto", help="auto: fp16 on GPU, fp32 on CPU")
-    p.add_argument("--unet-weights", default=None,
-                   help="replace the UNet's weights by a `selfcascade finetune` export (full or LoRA baseline)")
-
-
-def _load(args: argparse.Namespace):
-    import torch
-
-    from .pipeline import SelfCascadePipeline, default_device
-
-    device = torch.device(args.device) if args.device else default_device()
-    dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
-    cascade = SelfCascadePipeline.from_pretrained(args.model, device=device, dtype=dtype, scheduler=args.scheduler)
-    if args.unet_weights:
-        from .baselines.finetune import load_unet_weights
-
-        info = load_unet_weights(cascade.backbone.unet, args.unet_weights, cascade.backbone.name)
-        logger.info("UNet weights from %s (%s fine-tuning, %s steps)", args.unet_weights, info.get("method", "?"),
-                    info.get("steps", "?"))
-    return cascade
-
-
 def _resolve_size(args: argparse.Namespace) -> None:
     if args.size is not None:
         if args.height is not None or args.width is not None:
@@ -117,22 +34,10 @@ def _resolve_size(args: argparse.Namespace) -> None:
         args.height = args.width = args.size
 
 
-_MODE_HELP = {
-    "tuning-free": "the cascade", "direct": "baseline, one pass at the target size",
-    "tuned": "the cascade with --upsamplers", "attn-sf": "direct with attention scaled as Jin et al. 2023",
-    "redilate": "direct with ScaleCrafter's dilated convolutions",
-    "hires-fix": "base sample, upscale, img2img at --strength",
-    "hidiffusion": "direct with the hidiffusion package applied (SD 1.5/2.1/SDXL pipelines)",
-    "demofusion": "DemoFusion: progressive upscaling, skip residuals, dilated and patch denoising",
-    "freescale": "FreeScale: cascade with skip residuals, restrained dilation, scale fusion",
-    "deep-shrink": "direct with the deep levels at half size for the first 35%% of steps (Kohya)",
-}
-
-
 def _add_sampling_args(p: argparse.ArgumentParser, modes: list[str]) -> None:
     """How to sample: shared by ``generate`` and ``generate-video``."""
     p.add_argument("--mode", choices=modes, default="tuning-free",
-                   help="; ".join(f"{m}: {_MODE_HELP[m]}" for m in modes))
+                   help="; ".join(f"{m}: {MODE_HELP[m]}" for m in modes).replace("%", "%%"))
     p.add_argument("--upsamplers", default=None,
                    help="feature-upsampler bank for --mode tuned: a folder or hub id (see `selfcascade train-upsamplers`); "
                         "default: the banks shipped with the model (the embedded model has them)")
@@ -150,25 +55,28 @@ def _add_sampling_args(p: argparse.ArgumentParser, modes: list[str]) -> None:
                    help="img2img strength of --mode hires-fix, in (0, 1]: K = strength * T (default 0.55)")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from")
     p.add_argument("--seeds", type=parse_seeds, default=[0], help="one output per seed: 7, 0-3 or 1,5,9")
+    p.add_argument("--batch-size", type=parse_positive_int, default=None,
+                   help="images per UNet batch; seeds run in chunks of this many (default: by size, one at 2048x2048)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--dry-run", action="store_true", help="print the resolved settings and plan, generate nothing")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(load: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The CLI; ``load`` names the plugin commands whose options are read (None: all, importing their modules)."""
     parser = argparse.ArgumentParser(
         prog="selfcascade",
         description="Generate images far above a diffusion model's training size with the self-cascade "
                     "(arXiv 2402.10491): sample at the base size, then re-noise and refine at ~4x the pixels per stage.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="generate images from a prompt",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     g.add_argument("prompt", help="what to draw")
     _add_size_args(g)
-    _add_model_args(g)
+    add_model_args(g)
     _add_sampling_args(g, MODES)
     g.add_argument("--save-stages", action="store_true", help="also write every stage's image (-stageN.png)")
     g.add_argument("--window-attention", action="store_true",
@@ -177,10 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PNG path; several seeds write NAME-SEED.png")
 
     v = sub.add_parser("generate-video", help="generate clips from a prompt with a text-to-video model",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     v.add_argument("prompt", help="what to film")
     _add_size_args(v)
-    _add_model_args(v, video=True)
+    add_model_args(v, video=True)
     _add_sampling_args(v, VIDEO_MODES)
     v.add_argument("--frames", type=parse_positive_int, default=None,
                    help="frames per clip, the same at every stage (the cascade scales height and width only); "
@@ -193,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "several seeds write NAME-SEED.EXT")
 
     p = sub.add_parser("plan", help="print the stage sizes for a target (no model needed with --base)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     _add_size_args(p)
     p.add_argument("--base", type=parse_hw, default=None,
                    help="base (training) size: 512 or HxW; default: read from --model")
@@ -202,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="read base size and multiple from this model instead")
 
     c = sub.add_parser("compare", help="one grid: modes (rows) x square sizes (columns), same prompt and seed",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     c.add_argument("prompt", help="what to draw")
-    _add_model_args(c)
+    add_model_args(c)
     c.add_argument("--sizes", type=int, nargs="+", default=None,
                    help="square target sides in pixels (default: 2x, 4x and 8x the base side)")
     c.add_argument("--modes", nargs="+", choices=MODES, default=["direct", "tuning-free"])
@@ -216,25 +124,41 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cell", type=int, default=None, help="cell side in the grid (default: the largest size)")
     c.add_argument("-o", "--output", default="outputs/compare.png", help="PNG path of the grid")
 
-    for register in _plugin_registrars():
+    for register in _registrars(PLUGIN_COMMANDS if load is None else load):
         register(sub)
+    for name, (_, help_text) in PLUGIN_COMMANDS.items():
+        if name not in sub.choices:  # listed by --help; its options are read when it runs
+            sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
-def _plugin_registrars() -> list:
-    """Subcommands that live beside the modules they drive (data set, training)."""
+#: Subcommands that live beside the modules they drive: name -> (module, its one-line help). A module (and torch)
+#: is imported only when one of its commands runs, so ``selfcascade --help`` stays fast; tests check these lines
+#: against what the modules register.
+PLUGIN_COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("selfcascade.data.emoji", "build the embedded emoji data set"),
+    "train-base": ("selfcascade.train_base", "train the embedded 32 px base model (resumable)"),
+    "train-vae": ("selfcascade.train_vae", "train the embedded model's VAE (resumable)"),
+    "train-sd": ("selfcascade.train_sd", "train the v3 embedded model's UNet (tiny SD, resumable)"),
+    "export-embedded": ("selfcascade.train_sd", "write the embedded model as a stock Stable Diffusion folder"),
+    "train-upsamplers": ("selfcascade.train_upsamplers", "tune a feature-upsampler bank (the tuned self-cascade)"),
+    "finetune": ("selfcascade.baselines.finetune", "fine-tune the UNet at the target size (full or LoRA baselines)"),
+    "evaluate": ("selfcascade.evaluate", "FID/KID (full, patch, base) and SWD of modes vs real renders"),
+    "train-features": ("selfcascade.metrics.train_features", "train the offline FID/KID feature extractor (resumable)"),
+}
+#: Why a plugin module could not be imported (a missing optional package), by module.
+_IMPORT_ERRORS: dict[str, ImportError] = {}
+
+
+def _registrars(commands: Sequence[str]) -> list:
+    """The ``register_cli`` of each module behind ``commands``; modules that cannot be imported are skipped."""
     registrars = []
-    for module, attr in (("selfcascade.data.emoji", "register_cli"), ("selfcascade.train_base", "register_cli"),
-                         ("selfcascade.train_vae", "register_cli"), ("selfcascade.train_sd", "register_cli"),
-                         ("selfcascade.train_upsamplers", "register_cli"),
-                         ("selfcascade.baselines.finetune", "register_cli"), ("selfcascade.evaluate", "register_cli"),
-                         ("selfcascade.metrics.train_features", "register_cli")):
+    for module in dict.fromkeys(PLUGIN_COMMANDS[c][0] for c in commands if c in PLUGIN_COMMANDS):
         try:
-            mod = __import__(module, fromlist=[attr])
+            registrars.append(__import__(module, fromlist=["register_cli"]).register_cli)
         except ImportError as exc:
             logger.debug("subcommands of %s unavailable: %s", module, exc)
-            continue
-        registrars.append(getattr(mod, attr))
+            _IMPORT_ERRORS[module] = exc
     return registrars
 
 
@@ -256,7 +180,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, int, int, float | list[floa
 
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
-    cascade = _load(args)
+    cascade = load_cascade(args)
     cascade.max_ratio = args.max_ratio
     bb = cascade.backbone
     height = bb.base_size[0] * 2 if args.height is None else args.height
@@ -275,7 +199,7 @@ def _dry_run(args: argparse.Namespace, cascade: Any, height: int, width: int, gu
         "mode": args.mode, "height": height, "width": width, **extra, "steps": args.steps, "guidance": guidance,
         "K": args.K, "noise_level": args.noise_level, "pivot_space": args.pivot_space, "strength": args.strength,
         "scheduler": type(bb.scheduler).__name__, "seeds": args.seeds, "outputs": [str(p) for p in paths],
-        "upsamplers": args.upsamplers,
+        "upsamplers": args.upsamplers, "batch_size": args.batch_size,
     }, indent=2))
     print(plan)
     return 0
@@ -286,7 +210,7 @@ def _sampling_kwargs(args: argparse.Namespace, guidance: float | list[float]) ->
     return dict(mode=args.mode, negative_prompt=args.negative_prompt, num_images_per_prompt=len(args.seeds),
                 num_inference_steps=args.steps, guidance_scale=guidance, K=args.K, noise_level=args.noise_level,
                 pivot_space=args.pivot_space, strength=args.strength, seed=args.seeds, progress=not args.no_progress,
-                upsamplers=args.upsamplers)
+                upsamplers=args.upsamplers, batch_size=args.batch_size)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -357,7 +281,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .grid import make_grid
     from .io import save_png
 
-    cascade = _load(args)
+    cascade = load_cascade(args)
     cascade.max_ratio = args.max_ratio
     bb = cascade.backbone
     base = bb.base_size[0]
@@ -381,12 +305,15 @@ COMMANDS = {"generate": cmd_generate, "generate-video": cmd_generate_video, "pla
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(load=[command] if command in PLUGIN_COMMANDS else [])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     handler = COMMANDS.get(args.command) or getattr(args, "func", None)
     if handler is None:
-        parser.error(f"unknown command {args.command}")
+        module = PLUGIN_COMMANDS.get(args.command, ("", ""))[0]
+        parser.error(f"`selfcascade {args.command}` is unavailable: {_IMPORT_ERRORS.get(module, 'unknown command')}")
     try:
         return handler(args) or 0
     except (ValueError, FileNotFoundError) as exc:

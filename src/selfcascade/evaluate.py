@@ -305,9 +305,9 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
     reference_records = choose_records(records, min(args.num_real, num_eval), args.seed + 1)
     cascade = None
     if args.generated is None or args.base_size is None:
-        from .cli import _load
+        from .commands import load_cascade
 
-        cascade = _load(args)
+        cascade = load_cascade(args)
     base = args.base_size or cascade.backbone.base_size[0]
     extractor = load_features(args.features, args.feature_weights,
                               device=cascade.backbone.device if cascade is not None else "cpu")
@@ -384,10 +384,11 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import MODES, _add_model_args, parse_guidance
+    from .commands import add_model_args, parse_guidance
+    from .modes import MODES
     from .metrics import FEATURE_KINDS
 
-    _add_model_args(parser)
+    add_model_args(parser)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["direct", "tuning-free"])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="square target sides in pixels")
     parser.add_argument("--num-images", type=int, default=64, help="eval captions, one generated image each")

@@ -33,6 +33,7 @@ from .baselines import baseline_context, hires_fix
 from .baselines.rivals import (FULL_SCHEDULE_RIVALS, RIVAL_PIVOT_SPACE, SINGLE_STAGE_RIVALS, rival_context, rival_plan,
                                rival_sampler)
 from .cascade import CascadeResult, PivotSpace, StepCallback, after_step, resolve_k, sample_cascade
+from .loading import SINGLE_FILE_SUFFIXES, is_single_file, load_single_file
 from .modes import MODES, RIVAL_MODES, VIDEO_MODES
 from .plan import DEFAULT_MAX_RATIO, ScalePlan, make_plan
 from .schedulers import check_scheduler, make_scheduler
@@ -159,7 +160,9 @@ class SelfCascadePipeline:
         scheduler: str | Any = "ddim",
         **kwargs: Any,
     ) -> "SelfCascadePipeline":
-        """Load a hub id, a local diffusers folder, or a shipped model ("embedded", "embedded-video").
+        """Load a hub id, a local diffusers folder, a single-file checkpoint (``.safetensors``/``.ckpt``, with
+        ``config=`` a diffusers folder of its architecture to stay offline), or a shipped model ("embedded",
+        "embedded-video"). ``kwargs`` (e.g. ``vae=``) go to diffusers' loader.
 
         Hub ids go through diffusers' own ``DiffusionPipeline.from_pretrained`` (and its cache).
         """
@@ -180,6 +183,13 @@ class SelfCascadePipeline:
             backbone.scheduler = make_scheduler(scheduler, backbone.scheduler)
             backbone.to(device, dtype)
             return cls(backbone)
+        config = kwargs.pop("config", None)
+        if is_single_file(path):
+            pipe = load_single_file(path, config, dtype, **kwargs).to(device)
+            return cls.from_pipe(pipe, scheduler=scheduler)
+        if config is not None:
+            raise ValueError(f"config= names the architecture of a single-file checkpoint; {name_or_path} is not one "
+                             f"({', '.join(SINGLE_FILE_SUFFIXES)}).")
         if path.exists() and not (path / "model_index.json").is_file():
             raise FileNotFoundError(
                 f"{path} has no model_index.json: point at a folder written by a diffusers pipeline's "

@@ -41,8 +41,7 @@ from .backbones.base import Backbone, PromptEmbeds, resize_spatial
 from .cascade import resolve_k
 from .checkpoints import (checkpoint_at, find_checkpoint, load_optimizer, optimizer_step, read_checkpoint_state,
                           record_loss, step_generator)
-from .cli import parse_positive_int
-from .commands import add_command, add_trainer_arguments, run_module
+from .commands import add_command, add_trainer_arguments, parse_positive_int, run_module
 from .data.emoji_clips import DEFAULT_FRAMES
 from .unet_features import inject, pivot_features
 from .upsamplers import DEFAULT_TIME_WIDTH, DEFAULT_WIDTH, UpsamplerBank

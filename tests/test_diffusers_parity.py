@@ -215,3 +215,30 @@ def test_a_bank_used_off_its_k_scale_or_size_is_named_in_a_warning(sd, tiny_sd, 
     with caplog.at_level(logging.WARNING, logger="selfcascade.pipeline"):
         _pt(sd, seed=0, mode="tuned", upsamplers=fitting)
     assert "upsampler bank" not in caplog.text
+
+
+# ------------------------------------------------------------------------------ CUDA only (skipped on CPU)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_cuda_fp16_with_model_offload_matches_the_resident_pipeline(tiny_sd_fresh):
+    """fp16 on the GPU: weights offloaded to the CPU between forwards, latents and CUDA generators on the GPU."""
+    pipe = tiny_sd_fresh.to("cuda", torch.float16)
+    reference = _pt(SelfCascadePipeline.from_pipe(pipe), seed=0)
+    pipe.to("cpu")
+    pipe.enable_model_cpu_offload()
+    cascade = SelfCascadePipeline.from_pipe(pipe)
+    assert cascade.backbone.device.type == "cuda" and next(pipe.unet.parameters()).device.type == "cpu"
+    torch.testing.assert_close(_pt(cascade, seed=0), reference, atol=2e-3, rtol=0)
+
+
+@cuda
+def test_cuda_generator_and_sequential_offload(tiny_sd_fresh):
+    pipe = tiny_sd_fresh.to(dtype=torch.float16)
+    pipe.enable_sequential_cpu_offload()
+    cascade = SelfCascadePipeline.from_pipe(pipe)
+    a = _pt(cascade, generator=torch.Generator("cuda").manual_seed(0))
+    b = _pt(cascade, generator=torch.Generator("cuda").manual_seed(0))
+    torch.testing.assert_close(a, b)
+    assert torch.isfinite(a).all()

@@ -287,3 +287,15 @@ def test_resuming_under_other_settings_names_each_difference(tiny_sd_dir, captio
     assert "scale: 4.0 in the run, 16.0 now" in error and "size: [32, 64] in the run, [32, 128] now" in error
     assert "--run-dir" in error
     assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 2  # nothing was trained
+
+
+def test_bank_training_reads_captions_as_the_cascade_stage_does(tiny_sd_fresh):
+    """A model with a scale cue: the high-res pass is trained on the cued caption (as stage r reads it), a dropped
+    caption stays empty (guidance's unconditional branch has no cue)."""
+    bb = SelfCascadePipeline.from_pipe(tiny_sd_fresh).backbone
+    bb.zoom_cue, bb.zoom_factors = "{prompt}, {zoom}x zoom", (2, 4)
+    data = ImageCaptions(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8), ["red apple", "the pear"])
+    _, embeds, _ = PivotCache(bb, data, low_size=32).batch([0, 1], [False, True])
+    expected = bb.encode_prompt(["red apple, 2x zoom", ""], None, 1, do_cfg=False).embeds
+    assert torch.allclose(embeds.embeds, expected)
+    assert not torch.allclose(embeds.embeds, bb.encode_prompt(["red apple", ""], None, 1, do_cfg=False).embeds)

@@ -28,7 +28,7 @@ from PIL import Image
 
 from . import embedded_sd
 from .backbones import Backbone, backbone_from_pipe
-from .backbones.base import BANKS_DIR, MODEL_SETTINGS_FILE, zoom_prompt
+from .backbones.base import BANKS_DIR, MODEL_SETTINGS_FILE
 from .baselines import baseline_context, hires_fix
 from .baselines.rivals import (FULL_SCHEDULE_RIVALS, RIVAL_PIVOT_SPACE, SINGLE_STAGE_RIVALS, rival_context, rival_plan,
                                rival_sampler)
@@ -500,9 +500,11 @@ class SelfCascadePipeline:
         # 2. encode the prompt once for all stages (and once per zoom for a model trained with a scale cue)
         do_cfg = any(g > 1.0 for g in guidance)
         embeds = bb.encode_prompt(prompts, negatives, num_images_per_prompt, do_cfg, **prompt_options)
-        for zoom in sorted({bb.stage_zoom(h, w) for h, w in plan.stages} - {1}):
-            embeds.zoomed[zoom] = bb.encode_prompt([zoom_prompt(p, zoom, bb.zoom_cue) for p in prompts], negatives,
-                                                   num_images_per_prompt, do_cfg)
+        for h, w in plan.stages:
+            zoom = bb.stage_zoom(h, w)
+            if zoom > 1 and zoom not in embeds.zoomed:
+                embeds.zoomed[zoom] = bb.encode_prompt(bb.stage_prompts(prompts, h, w), negatives,
+                                                       num_images_per_prompt, do_cfg)
 
         # 3. one generator per image per stage, or the caller's for every stage
         if generator is None:

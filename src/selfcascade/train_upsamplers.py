@@ -250,9 +250,11 @@ class PivotCache:
         images = self.data.images[[i for i, _ in keys]].to(bb.device).float() / 255
         low = resize_spatial(images, (self.low_size, self.low_size), "bicubic", antialias=True).clamp(0, 1)
         captions = ["" if dropped else self.data.captions[i] for i, dropped in keys]
-        embeds = bb.encode_prompt(captions, None, 1, do_cfg=False)
+        # each pass reads the captions as the cascade's stage of its size does (with its scale cue, if any)
+        low_embeds = bb.encode_prompt(bb.stage_prompts(captions, self.low_size, self.low_size), None, 1, do_cfg=False)
+        embeds = bb.encode_prompt(bb.stage_prompts(captions, *images.shape[-2:]), None, 1, do_cfg=False)
         z_low = self._encode(low)
-        inputs = bb.unet_inputs(embeds, self.low_size, self.low_size, do_cfg=False)
+        inputs = bb.unet_inputs(low_embeds, self.low_size, self.low_size, do_cfg=False)
         features = pivot_features(bb.unet, z_low, inputs, do_cfg=False)
         z_high = self._encode(images)
         rows = features[0].shape[0] // len(keys)  # 1 per image, F per clip

@@ -28,8 +28,9 @@ BANKS_DIR = "banks"
 
 
 def zoom_prompt(prompt: str, zoom: int, cue: str) -> str:
-    """``prompt`` with a scale cue (``cue`` formats ``{prompt}`` and ``{zoom}``); zoom 1 adds nothing."""
-    return prompt if zoom <= 1 else cue.format(prompt=prompt, zoom=zoom)
+    """``prompt`` with a scale cue (``cue`` formats ``{prompt}`` and ``{zoom}``); zoom 1 adds nothing, and the empty
+    prompt (guidance's unconditional branch, trained without a cue) stays empty."""
+    return prompt if zoom <= 1 or not prompt else cue.format(prompt=prompt, zoom=zoom)
 
 
 @dataclass
@@ -198,6 +199,11 @@ class Backbone:
         if not tuned_for:
             return None
         return [str(min(tuned_for, key=lambda bank: abs(tuned_for[bank] - max(size)))) for size in stage_sizes]
+
+    def stage_prompts(self, prompts: list[str], height: int, width: int) -> list[str]:
+        """The prompts as the model should read them at a stage of this size: with the scale cue of its zoom."""
+        zoom = self.stage_zoom(height, width)
+        return [zoom_prompt(p, zoom, self.zoom_cue) for p in prompts] if zoom > 1 else list(prompts)
 
     def stage_zoom(self, height: int, width: int) -> int:
         """The scale cue's zoom for a stage of this size: how many times larger than at the base size it shows its

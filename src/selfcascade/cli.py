@@ -145,6 +145,7 @@ PLUGIN_COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("selfcascade.baselines.finetune", "fine-tune the UNet at the target size (full or LoRA baselines)"),
     "evaluate": ("selfcascade.evaluate", "FID/KID (full, patch, base) and SWD of modes vs real renders"),
     "train-features": ("selfcascade.metrics.train_features", "train the offline FID/KID feature extractor (resumable)"),
+    "ui": ("selfcascade.ui", "a local web page: prompt, size presets, modes side by side"),
 }
 #: Why a plugin module could not be imported (a missing optional package), by module.
 _IMPORT_ERRORS: dict[str, ImportError] = {}

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from selfcascade import SelfCascadePipeline
-from selfcascade.baselines.finetune import load_unet_weights
+from selfcascade.loading import load_unet_weights
 from selfcascade.data.emoji import default_cache_dir, read_manifest
 from selfcascade.evaluate import (GenerationSpec, _real, choose_records, generate_set, make_reference, percent, score,
                                  style_adherence, write_grid)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from selfcascade.baselines.finetune import INFO_FILE, WEIGHTS_FILE, load_unet_weights
+from selfcascade.loading import FINETUNE_INFO_FILE, FINETUNE_WEIGHTS_FILE, load_unet_weights
 from selfcascade.cli import main
 from selfcascade.testing import make_tiny_sd, make_tiny_sdxl
 
@@ -28,13 +28,13 @@ def test_full_finetune_resumes_exports_and_loads_for_direct_inference(tiny_sd_di
     assert _finetune(tiny_sd_dir, caption_folder, run, "--max-steps", "3", "--snapshot-every", "3") == 0
     state = json.loads((run / "checkpoint" / "state.json").read_text())
     assert state["step"] == 3 and [s for s, _ in state["losses"]] == [1, 2, 3]
-    info = json.loads((run / "model" / INFO_FILE).read_text())
+    info = json.loads((run / "model" / FINETUNE_INFO_FILE).read_text())
     base = make_tiny_sd()
     assert info["method"] == "full" and info["steps"] == 3 and info["size"] == 64
     assert info["trainable_parameters"] == info["unet_parameters"] == base.unet.num_parameters()
-    assert (run / "snapshots" / "step-000003" / WEIGHTS_FILE).is_file()
+    assert (run / "snapshots" / "step-000003" / FINETUNE_WEIGHTS_FILE).is_file()
 
-    tuned = load_file(str(run / "model" / WEIGHTS_FILE))
+    tuned = load_file(str(run / "model" / FINETUNE_WEIGHTS_FILE))
     assert any(not torch.equal(tuned[k], v) for k, v in base.unet.state_dict().items())
 
     outputs = {}
@@ -48,12 +48,12 @@ def test_full_finetune_resumes_exports_and_loads_for_direct_inference(tiny_sd_di
 def test_lora_trains_only_adapters_and_merges_into_a_plain_unet(tiny_sd_dir, caption_folder, tmp_path):
     run = tmp_path / "lora"
     assert _finetune(tiny_sd_dir, caption_folder, run, "--method", "lora", "--rank", "2", "--max-steps", "2") == 0
-    info = json.loads((run / "model" / INFO_FILE).read_text())
+    info = json.loads((run / "model" / FINETUNE_INFO_FILE).read_text())
     assert info["method"] == "lora" and info["rank"] == 2
     assert 0 < info["trainable_parameters"] < 0.2 * info["unet_parameters"]
 
     base = make_tiny_sd().unet
-    merged = load_file(str(run / "model" / WEIGHTS_FILE))
+    merged = load_file(str(run / "model" / FINETUNE_WEIGHTS_FILE))
     assert set(merged) == set(base.state_dict())  # no adapter keys: loads into an unmodified UNet
     changed = {k for k, v in base.state_dict().items() if not torch.equal(merged[k], v)}
     assert changed and all(any(t in k for t in ("to_q", "to_k", "to_v", "to_out.0")) for k in changed)

@@ -15,7 +15,8 @@ from selfcascade import SelfCascadePipeline
 from selfcascade.cli import main
 from selfcascade.train_base import DEFAULT_UNET
 from selfcascade.train_upsamplers import ImageCaptions, PivotCache, tuning_loss
-from selfcascade.unet_features import capture, inject, level_sizes, pivot_features, unet_layout
+from selfcascade.unet_features import capture, inject, level_sizes, pivot_features
+from selfcascade.unet_layout import unet_layout
 from selfcascade.upsamplers import UpsamplerBank
 
 CALL = dict(height=64, width=64, num_inference_steps=3, seed=0, output_type="latent", progress=False)

@@ -136,7 +136,7 @@ def build_parser(load: Sequence[str] | None = None) -> argparse.ArgumentParser:
 #: is imported only when one of its commands runs, so ``selfcascade --help`` stays fast; tests check these lines
 #: against what the modules register.
 PLUGIN_COMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("selfcascade.data.emoji", "build the embedded emoji data set"),
+    "data": ("selfcascade.data.commands", "build the embedded emoji data set"),
     "train-base": ("selfcascade.train_base", "train the embedded 32 px base model (resumable)"),
     "train-vae": ("selfcascade.train_vae", "train the embedded model's VAE (resumable)"),
     "train-sd": ("selfcascade.train_sd", "train the v3 embedded model's UNet (tiny SD, resumable)"),

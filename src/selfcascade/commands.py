@@ -125,7 +125,7 @@ def load_cascade(args: argparse.Namespace) -> Any:
             raise ValueError(f"--lora needs a diffusers pipeline; {cascade.backbone.name} is not one.")
         apply_lora(pipe, spec, adapter_name=f"lora{i}")
     if args.unet_weights:
-        from .baselines.finetune import load_unet_weights
+        from .loading import load_unet_weights
 
         info = load_unet_weights(cascade.backbone.unet, args.unet_weights, cascade.backbone.name)
         logger.info("UNet weights from %s (%s fine-tuning, %s steps)", args.unet_weights, info.get("method", "?"),

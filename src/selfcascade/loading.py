@@ -1,15 +1,23 @@
-"""Loading what users have beside diffusers folders: single-file checkpoints, LoRA files, a replacement VAE."""
+"""Loading what users have beside diffusers folders: single-file checkpoints, LoRA files, a replacement VAE, and
+the UNet weights ``selfcascade finetune`` exports."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
+
+logger = logging.getLogger(__name__)
 
 #: Suffixes of single-file checkpoints (A1111/ComfyUI layout), loaded through diffusers' ``from_single_file``.
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+#: A ``selfcascade finetune`` export: the whole UNet state, and what it was tuned from and how.
+FINETUNE_WEIGHTS_FILE = "unet.safetensors"
+FINETUNE_INFO_FILE = "finetune.json"
 
 
 def is_single_file(path: str | Path) -> bool:
@@ -60,3 +68,23 @@ def apply_lora(pipe: Any, spec: str, adapter_name: str = "lora") -> None:
     else:
         pipe.load_lora_weights(str(source), adapter_name=adapter_name)
     pipe.set_adapters([adapter_name], adapter_weights=[scale])
+
+
+def load_unet_weights(unet: torch.nn.Module, folder: str | Path, base_model: str | None = None) -> dict:
+    """Replace ``unet``'s weights by a ``selfcascade finetune`` export; returns its ``finetune.json``."""
+    folder = Path(folder)
+    weights = folder / FINETUNE_WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found: --unet-weights takes a folder written by `selfcascade finetune`.")
+    info_file = folder / FINETUNE_INFO_FILE
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    if base_model is not None and info.get("base_model") not in (None, base_model):
+        logger.warning("%s was fine-tuned from %s, not %s", folder, info["base_model"], base_model)
+    state, own = load_file(str(weights)), unet.state_dict()
+    misfits = sorted(set(own) ^ set(state)) + [k for k in state if k in own and state[k].shape != own[k].shape]
+    if misfits:
+        raise ValueError(f"{weights} does not fit this UNet ({len(misfits)} missing, extra or differently shaped "
+                         f"tensors, e.g. {misfits[:2]}): it was fine-tuned from "
+                         f"{info.get('base_model', 'another model')}; pass that model with --model.")
+    unet.load_state_dict(state)
+    return info

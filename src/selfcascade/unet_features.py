@@ -25,37 +25,13 @@ on them as on a batch of images; only the time embedding is repeated per frame.
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .cascade import StageContext
-
-if TYPE_CHECKING:
-    from .upsamplers import UpsamplerBank
-
-INJECTIONS: tuple[str, ...] = ("skip", "hidden")
-
-
-class UNetLayout(NamedTuple):
-    """What an upsampler bank must agree with: channels of each level's feature, time embedding width."""
-
-    level_channels: tuple[int, ...]
-    time_embed_dim: int
-
-
-def unet_layout(unet: nn.Module) -> UNetLayout:
-    """Levels and channels of a diffusers UNet2DConditionModel (read from its modules, not its config)."""
-    blocks = getattr(unet, "down_blocks", None)
-    time_embedding = getattr(unet, "time_embedding", None)
-    if blocks is None or time_embedding is None or not all(hasattr(b, "resnets") for b in blocks):
-        raise ValueError(
-            f"{type(unet).__name__} is not a diffusers UNet2DConditionModel-like model (needs down_blocks with "
-            "resnets and a time_embedding); feature upsamplers cannot attach to it."
-        )
-    return UNetLayout(tuple(int(b.resnets[-1].out_channels) for b in blocks),
-                      int(time_embedding.linear_2.out_features))
+from .upsamplers import UpsamplerBank
 
 
 def _skip_indices(unet: nn.Module) -> tuple[list[int], int]:
@@ -136,7 +112,7 @@ def _time_embedding(unet: nn.Module, sample: torch.Tensor, timestep: Any, timest
 
 
 @contextmanager
-def inject(unet: nn.Module, bank: "UpsamplerBank | nn.Module", features: Sequence[torch.Tensor]) -> Iterator[None]:
+def inject(unet: nn.Module, bank: UpsamplerBank | nn.Module, features: Sequence[torch.Tensor]) -> Iterator[None]:
     """Add ``bank``'s residuals of the pivot ``features`` at every UNet call inside (Eq. 9).
 
     ``bank`` may be wrapped (DistributedDataParallel): it is called as given, so gradients synchronise,
@@ -206,7 +182,7 @@ def inject(unet: nn.Module, bank: "UpsamplerBank | nn.Module", features: Sequenc
             handle.remove()
 
 
-def tuned_stage_context(unet: nn.Module, banks: Sequence["UpsamplerBank | None"]) -> StageContext:
+def tuned_stage_context(unet: nn.Module, banks: Sequence[UpsamplerBank | None]) -> StageContext:
     """The sampler's per-stage hook for the tuned cascade: ``banks[r - 1]`` guides stage r (None: tuning-free)."""
 
     def context(stage: int, prev_latents: torch.Tensor, prev_inputs: dict, guidance: float) -> ContextManager:
@@ -219,5 +195,4 @@ def tuned_stage_context(unet: nn.Module, banks: Sequence["UpsamplerBank | None"]
     return context
 
 
-__all__ = ["INJECTIONS", "UNetLayout", "capture", "inject", "level_sizes", "pivot_features",
-           "tuned_stage_context", "unet_layout"]
+__all__ = ["capture", "inject", "level_sizes", "pivot_features", "tuned_stage_context"]

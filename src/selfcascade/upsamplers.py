@@ -22,7 +22,7 @@ from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
-from .unet_features import INJECTIONS, UNetLayout, unet_layout
+from .unet_layout import INJECTIONS, UNetLayout, unet_layout
 
 logger = logging.getLogger(__name__)
 

@@ -30,13 +30,12 @@ from ..checkpoints import (checkpoint_at, find_checkpoint, load_optimizer, optim
                            record_loss, step_generator)
 from ..commands import add_command, add_trainer_arguments, run_module
 from ..io import atomic_path
+from ..loading import FINETUNE_INFO_FILE, FINETUNE_WEIGHTS_FILE
 from ..train_upsamplers import ImageCaptions, load_data, prediction_target
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("full", "lora")
-WEIGHTS_FILE = "unet.safetensors"
-INFO_FILE = "finetune.json"
 #: diffusers' attention projections, the usual LoRA targets for UNets.
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -72,30 +71,11 @@ def merged_state_dict(unet: torch.nn.Module, method: str) -> dict[str, torch.Ten
 def export(out_dir: Path, unet: torch.nn.Module, method: str, info: dict) -> Path:
     """Write ``unet.safetensors`` + ``finetune.json`` into ``out_dir`` (each file atomically)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
+    with atomic_path(out_dir / FINETUNE_WEIGHTS_FILE) as tmp:
         save_file(merged_state_dict(unet, method), str(tmp))
-    with atomic_path(out_dir / INFO_FILE) as tmp:
+    with atomic_path(out_dir / FINETUNE_INFO_FILE) as tmp:
         tmp.write_text(json.dumps(info, indent=1))
     return out_dir
-
-
-def load_unet_weights(unet: torch.nn.Module, folder: str | Path, base_model: str | None = None) -> dict:
-    """Replace ``unet``'s weights by a ``selfcascade finetune`` export; returns its ``finetune.json``."""
-    folder = Path(folder)
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} not found: --unet-weights takes a folder written by `selfcascade finetune`.")
-    info = json.loads((folder / INFO_FILE).read_text()) if (folder / INFO_FILE).is_file() else {}
-    if base_model is not None and info.get("base_model") not in (None, base_model):
-        logger.warning("%s was fine-tuned from %s, not %s", folder, info["base_model"], base_model)
-    state, own = load_file(str(weights)), unet.state_dict()
-    misfits = sorted(set(own) ^ set(state)) + [k for k in state if k in own and state[k].shape != own[k].shape]
-    if misfits:
-        raise ValueError(f"{weights} does not fit this UNet ({len(misfits)} missing, extra or differently shaped "
-                         f"tensors, e.g. {misfits[:2]}): it was fine-tuned from "
-                         f"{info.get('base_model', 'another model')}; pass that model with --model.")
-    unet.load_state_dict(state)
-    return info
 
 
 def trainable_parameters(unet: torch.nn.Module) -> int:

@@ -1,1 +1,1 @@
-"""The embedded emoji data set: builder (``emoji``) and training data set (``loader``)."""
+"""The embedded emoji data set: builders (``emoji``, ``emoji_clips``), their CLI (``commands``), loader."""

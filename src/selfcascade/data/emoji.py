@@ -15,7 +15,6 @@ Layout under ``cache_dir``::
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -487,45 +486,3 @@ def _read_sidecar(cache_dir: Path) -> dict:
 
 # --------------------------------------------------------------------------------------------------
 # CLI
-
-
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.replace(",", " ").split()]
-
-
-def _str_list(text: str) -> list[str]:
-    return [x for x in text.replace(",", " ").split()]
-
-
-def register_cli(subparsers: "argparse._SubParsersAction") -> None:
-    """Add ``data build`` and ``data clips`` to a CLI's subparsers."""
-    data = subparsers.add_parser("data", help="build the embedded emoji data set")
-    data_sub = data.add_subparsers(dest="data_command", required=True)
-    build = data_sub.add_parser("build", help="fetch emoji SVGs with npm pack, render PNGs, write the manifest")
-    build.add_argument("--cache-dir", type=Path, default=None, help="default: $SELFCASCADE_CACHE or ~/.cache/selfcascade")
-    build.add_argument("--sizes", type=_int_list, default=list(DEFAULT_SIZES), help="e.g. 32,64,128 (add 256 on demand)")
-    build.add_argument("--sources", type=_str_list, default=list(SOURCES), help=f"subset of {','.join(SOURCES)}")
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--eval-fraction", type=float, default=0.15)
-    build.add_argument("--workers", type=int, default=2)
-    build.set_defaults(func=_cmd_build)
-    from .emoji_clips import add_clips_command  # here, not at the top: emoji_clips imports this module
-
-    add_clips_command(data_sub)
-
-
-def _cmd_build(args: argparse.Namespace) -> None:
-    build_dataset(args.cache_dir, sizes=args.sizes, sources=args.sources, seed=args.seed,
-                  eval_fraction=args.eval_fraction, workers=args.workers)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m selfcascade.data.emoji")
-    register_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args.func(args)
-
-
-if __name__ == "__main__":
-    main()

@@ -20,7 +20,6 @@ convention in ``selfcascade.metrics.temporal`` (frame coordinates -> canvas coor
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -231,28 +230,3 @@ def build_clips(cache_dir: Path | str | None = None, sizes: Sequence[int] = DEFA
     logger.info("%d %s clips under %s (%d rendered now, %d already there)", len(plan), split,
                 Path(cache_dir) / CLIPS_DIR, made, len(plan) - made)
     return [cid for *_, cid in plan]
-
-
-# --------------------------------------------------------------------------------------------------
-# CLI (``selfcascade data clips``, registered beside ``data build``)
-
-
-def add_clips_command(data_subparsers: "argparse._SubParsersAction") -> None:
-    clips = data_subparsers.add_parser(
-        "clips", help="render emoji motion clips (move, spin, bounce) with captions and true motion",
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    clips.add_argument("--cache-dir", type=Path, default=None, help="default: $SELFCASCADE_CACHE or ~/.cache/selfcascade")
-    clips.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES),
-                       help="frame sides in px; the largest must be rendered already (selfcascade data build)")
-    clips.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help="frames per clip")
-    clips.add_argument("--count", type=int, default=300, help="clips to make")
-    clips.add_argument("--split", choices=["train", "eval"], default="train",
-                       help="emoji split the clips draw from (train clips never show eval emoji)")
-    clips.add_argument("--motions", nargs="+", choices=list(MOTIONS), default=list(MOTIONS), help="used in turn")
-    clips.add_argument("--seed", type=int, default=0, help="picks the emoji order and every motion's parameters")
-    clips.set_defaults(func=_cmd_clips)
-
-
-def _cmd_clips(args: argparse.Namespace) -> None:
-    build_clips(args.cache_dir, sizes=args.sizes, frames=args.frames, count=args.count, split=args.split,
-                motions=args.motions, seed=args.seed)

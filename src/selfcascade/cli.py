@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .commands import (DTYPES, HelpFormatter, add_model_args, load_cascade, parse_guidance, parse_hw,
-                       parse_positive_int, parse_seeds)
+                       parse_positive_int, parse_seeds, read_prompts)
 from .modes import MODE_HELP, MODES, VIDEO_MODES
 from .plan import DEFAULT_MAX_RATIO, make_plan
 
@@ -74,7 +75,10 @@ def build_parser(load: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate images from a prompt",
                        formatter_class=HelpFormatter)
-    g.add_argument("prompt", help="what to draw")
+    g.add_argument("prompt", nargs="?", default=None, help="what to draw (or --prompts FILE)")
+    g.add_argument("--prompts", default=None, metavar="FILE",
+                   help="a text file, one prompt per line (blank lines skipped): every prompt with every seed, "
+                        "written NAME-pINDEX.png (NAME-pINDEX-SEED.png with several seeds)")
     _add_size_args(g)
     add_model_args(g)
     _add_sampling_args(g, MODES)
@@ -163,14 +167,28 @@ def _registrars(commands: Sequence[str]) -> list:
     return registrars
 
 
-def _output_paths(output: str, seeds: Sequence[int], suffix: str | None = ".png") -> list[Path]:
-    """One path per seed (NAME-SEED.EXT when several); ``suffix`` None: the caller checks the suffix."""
+def _output_paths(output: str, seeds: Sequence[int], suffix: str | None = ".png", tag: str = "") -> list[Path]:
+    """One path per seed: NAME{tag}.EXT, or NAME{tag}-SEED.EXT when several; ``suffix`` None: the caller checks
+    the suffix."""
     out = Path(output)
     if suffix is not None and out.suffix.lower() != suffix:
         raise ValueError(f"--output must end in {suffix}, got {output}")
     if len(seeds) == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}-{s}{out.suffix}") for s in seeds]
+        return [out.with_name(f"{out.stem}{tag}{out.suffix}")]
+    return [out.with_name(f"{out.stem}{tag}-{s}{out.suffix}") for s in seeds]
+
+
+def _generate_jobs(args: argparse.Namespace) -> list[tuple[str, int, Path]]:
+    """(prompt, seed, output path) of every image ``generate`` writes: the prompt, or every line of --prompts,
+    with every seed, in that order."""
+    if (args.prompt is None) == (args.prompts is None):
+        raise SystemExit("error: give a prompt or --prompts FILE (one of them)")
+    if args.prompts is None:
+        return [(args.prompt, s, p) for s, p in zip(args.seeds, _output_paths(args.output, args.seeds))]
+    prompts = read_prompts(args.prompts)
+    digits = len(str(len(prompts) - 1))
+    return [(prompt, s, p) for i, prompt in enumerate(prompts)
+            for s, p in zip(args.seeds, _output_paths(args.output, args.seeds, tag=f"-p{i:0{digits}d}"))]
 
 
 def _prepare(args: argparse.Namespace) -> tuple[Any, int, int, float | list[float], Any]:
@@ -206,32 +224,47 @@ def _dry_run(args: argparse.Namespace, cascade: Any, height: int, width: int, gu
     return 0
 
 
-def _sampling_kwargs(args: argparse.Namespace, guidance: float | list[float]) -> dict[str, Any]:
-    """``SelfCascadePipeline.__call__`` arguments from the options of ``_add_sampling_args``."""
-    return dict(mode=args.mode, negative_prompt=args.negative_prompt, num_images_per_prompt=len(args.seeds),
+def _sampling_kwargs(args: argparse.Namespace, guidance: float | list[float],
+                     seeds: Sequence[int] | None = None) -> dict[str, Any]:
+    """``SelfCascadePipeline.__call__`` arguments from the options of ``_add_sampling_args``, for ``seeds``
+    (default: --seeds)."""
+    seeds = list(args.seeds if seeds is None else seeds)
+    return dict(mode=args.mode, negative_prompt=args.negative_prompt, num_images_per_prompt=len(seeds),
                 num_inference_steps=args.steps, guidance_scale=guidance, K=args.K, noise_level=args.noise_level,
-                pivot_space=args.pivot_space, strength=args.strength, seed=args.seeds, progress=not args.no_progress,
+                pivot_space=args.pivot_space, strength=args.strength, seed=seeds, progress=not args.no_progress,
                 upsamplers=args.upsamplers, batch_size=args.batch_size)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    """Every (prompt, seed) image; under ``accelerate launch`` each process writes its contiguous share of them."""
     from .io import save_png
+    from .processes import gather, is_main_process, my_share, num_processes, process_device
 
     _resolve_size(args)
-    paths = _output_paths(args.output, args.seeds)  # before loading a model, so a typo costs nothing
+    jobs = _generate_jobs(args)  # before loading a model, so a typo costs nothing
+    args.device = process_device(args.device)
     cascade, height, width, guidance, plan = _prepare(args)
     if args.dry_run:
-        return _dry_run(args, cascade, height, width, guidance, plan, paths)
-    logger.info("%s", plan)
-    result = cascade(args.prompt, height, width, return_stages=args.save_stages, window_attention=args.window_attention,
-                     **_sampling_kwargs(args, guidance))
-    for i, (seed, path) in enumerate(zip(result.seeds, paths)):
-        save_png(result.images[i], path, result.settings, seed)
-        print(path)
-        for r, stage_images in enumerate(result.stages[:-1]):
-            stage_path = path.with_name(f"{path.stem}-stage{r}{path.suffix}")
-            save_png(stage_images[i], stage_path, result.settings, seed)
-            print(stage_path)
+        return _dry_run(args, cascade, height, width, guidance, plan, [p for *_, p in jobs]) if is_main_process() else 0
+    if is_main_process():
+        logger.info("%s", plan)
+    mine = my_share(jobs)
+    for prompt, group in itertools.groupby(mine, key=lambda job: job[0]):  # one call per prompt, batched over seeds
+        group = list(group)
+        result = cascade(prompt, height, width, return_stages=args.save_stages, window_attention=args.window_attention,
+                         **_sampling_kwargs(args, guidance, [seed for _, seed, _ in group]))
+        for i, (seed, (*_, path)) in enumerate(zip(result.seeds, group)):
+            save_png(result.images[i], path, result.settings, seed)
+            print(path)
+            for r, stage_images in enumerate(result.stages[:-1]):
+                stage_path = path.with_name(f"{path.stem}-stage{r}{path.suffix}")
+                save_png(stage_images[i], stage_path, result.settings, seed)
+                print(stage_path)
+    if num_processes() > 1:
+        counts = gather(len(mine))  # also waits for every process
+        if is_main_process():
+            logger.info("%d processes wrote %d images (%s) next to %s", len(counts), sum(counts),
+                        " + ".join(map(str, counts)), args.output)
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from .schedulers import SCHEDULER_NAMES
@@ -41,6 +42,18 @@ def parse_seeds(text: str) -> list[int]:
     if not seeds:
         raise argparse.ArgumentTypeError(f"no seeds in {text!r}")
     return seeds
+
+
+def read_prompts(path: str) -> list[str]:
+    """--prompts FILE: one prompt per line, stripped, blank lines skipped (a caption list keeps its order)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--prompts {path}: no such file") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {path} holds no prompts (one per line)")
+    return prompts
 
 
 def parse_guidance(text: str) -> float | list[float]:

@@ -12,6 +12,10 @@ split (concepts the embedded model never saw; seeded choice, image i gets seed `
   captions and seeds at the base size): how much of the base model's layout the mode keeps;
 - SWD: sliced Wasserstein distance on Laplacian pyramids (x1e3), generated vs real at the target size.
 
+``--prompts FILE`` takes the captions from a file and ``--real DIR`` the real images from a folder (centre-cropped
+and resized to each size), for the paper's protocol on LAION-style data. Under ``accelerate launch`` every
+process generates its share of the missing images into the shared cache; the main process then scores them.
+
 Features: Inception-V3 (torchmetrics/torch-fidelity) when installed with its weights cached, else
 the emoji network the project trains and ships (``--features``; the table names the one used). KID
 is reported as mean ± std over subsets; every number carries its sample counts, since FID is biased
@@ -38,7 +42,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .commands import add_command, run_module
+from .commands import add_command, read_prompts, run_module
 from .io import atomic_path, save_png
 
 logger = logging.getLogger(__name__)
@@ -91,6 +95,37 @@ def load_folder(folder: Path) -> torch.Tensor:
             im.close()
 
 
+def load_real_folder(folder: Path, size: int, count: int) -> torch.Tensor:
+    """The first ``count`` images of ``folder`` (sorted by name) whose shorter side is at least ``size``, each
+    centre-cropped to a square and resized to ``size`` (PIL bicubic, antialiased, as clean-fid resizes).
+
+    Smaller images are skipped, not enlarged: like the paper's filter of LAION to images above the target size,
+    so the reference holds real detail at that size."""
+    files = image_files(Path(folder)) if Path(folder).is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"--real {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) there")
+    images, skipped = [], 0
+    for path in files:
+        if len(images) == count:
+            break
+        with Image.open(path) as im:
+            width, height = im.size
+            side = min(width, height)
+            if side < size:
+                skipped += 1
+                continue
+            left, top = (width - side) // 2, (height - side) // 2
+            images.append(im.convert("RGB").crop((left, top, left + side, top + side))
+                          .resize((size, size), Image.Resampling.BICUBIC))
+    if skipped:
+        logger.warning("--real %s: skipped %d image(s) smaller than %d px on their shorter side", folder, skipped, size)
+    if not images:
+        raise ValueError(f"--real {folder}: no image is at least {size} px on its shorter side")
+    if len(images) < count:
+        logger.warning("--real %s: %d usable image(s) at %d px, fewer than --num-real %d", folder, len(images), size, count)
+    return to_tensor(images)
+
+
 @dataclass
 class GenerationSpec:
     """What one cached folder of generated images holds; a folder made with other settings is refused."""
@@ -110,9 +145,24 @@ class GenerationSpec:
 
 def generate_set(cascade, spec: GenerationSpec, captions: list[str], folder: Path, batch_size: int,
                  progress: bool = True) -> tuple[torch.Tensor, float]:
-    """Images for ``captions`` (caption i with seed ``spec.seed + i``), generating only those missing in
-    ``folder``; returns them (read back from the PNGs, so fresh and cached runs score identical pixels)
-    and the mean generation time per image over every image this folder ever generated."""
+    """:func:`fill_set`, then the images read back from the PNGs (so fresh and cached runs score identical pixels)."""
+    seconds_per_image = fill_set(cascade, spec, captions, folder, batch_size, progress)
+    return read_set(folder, len(captions)), seconds_per_image
+
+
+def _set_paths(folder: Path, count: int) -> list[Path]:
+    return [folder / f"{i:05d}.png" for i in range(count)]
+
+
+def fill_set(cascade, spec: GenerationSpec, captions: list[str], folder: Path, batch_size: int,
+             progress: bool = True) -> float:
+    """Generate the images of ``captions`` missing in ``folder`` (caption i with seed ``spec.seed + i``); returns
+    the mean generation time per image over every image this folder ever generated.
+
+    Under ``accelerate launch`` every process calls this and generates its share of the missing images; each
+    image depends only on its caption and seed, so the split changes no pixel. Returns once all are written."""
+    from .processes import gather, is_main_process, my_share, wait_for_everyone
+
     meta_path = folder / META_JSON
     settings = asdict(spec)
     weights = cascade.weights_fingerprint(spec.size, spec.size, spec.mode, spec.upsamplers)
@@ -126,29 +176,48 @@ def generate_set(cascade, spec: GenerationSpec, captions: list[str], folder: Pat
         raise ValueError(f"{folder} holds images made with other weights (fingerprint {meta.get('weights')}, not "
                          f"{weights}: the model or its banks changed since); delete it or write to another --out")
     meta["captions"] = captions if len(captions) > common else meta["captions"]
-    paths = [folder / f"{i:05d}.png" for i in range(len(captions))]
+    recorded_seconds, recorded_count = meta["seconds"], meta["generated"]
+    paths = _set_paths(folder, len(captions))
     missing = [i for i, p in enumerate(paths) if not p.exists()]
-    bar = tqdm(total=len(captions), initial=len(captions) - len(missing), desc=f"{spec.mode} {spec.size} px",
-               unit="img", disable=not progress or not missing)
-    for start in range(0, len(missing), batch_size):
-        chunk = missing[start:start + batch_size]
+    wait_for_everyone()  # every process has listed the same missing images before any process writes one
+    mine = my_share(missing)
+    main = is_main_process()
+
+    def record(seconds: float, count: int) -> None:  # the main process keeps meta.json, after every chunk
+        meta["seconds"], meta["generated"] = recorded_seconds + seconds, recorded_count + count
+        if main:
+            with atomic_path(meta_path) as tmp:
+                tmp.write_text(json.dumps(meta, indent=1) + "\n")
+
+    done = len(captions) - len(missing)
+    bar = tqdm(total=done + len(mine), initial=done, desc=f"{spec.mode} {spec.size} px", unit="img",
+               disable=not progress or not mine)
+    seconds = 0.0
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start:start + batch_size]
         t0 = time.perf_counter()
         out = cascade([captions[i] for i in chunk], spec.size, spec.size, mode=spec.mode, num_inference_steps=spec.steps,
                       guidance_scale=spec.guidance, seed=[spec.seed + i for i in chunk], output_type="pil",
                       progress=False, upsamplers=spec.upsamplers)
-        meta["seconds"] += time.perf_counter() - t0
-        meta["generated"] += len(chunk)
+        seconds += time.perf_counter() - t0
         for i, image, seed in zip(chunk, out.images, out.seeds):
             save_png(image, paths[i], {**out.settings, "prompt": [captions[i]]}, seed)
-        with atomic_path(meta_path) as tmp:
-            tmp.write_text(json.dumps(meta, indent=1) + "\n")
+        record(seconds, start + len(chunk))
         bar.update(len(chunk))
     bar.close()
+    shares = gather((seconds, len(mine)))  # also waits until every process has written its share
+    if len(shares) > 1 and missing:
+        record(sum(s for s, _ in shares), sum(n for _, n in shares))
+    return (recorded_seconds + sum(s for s, _ in shares)) / max(1, recorded_count + sum(n for _, n in shares))
+
+
+def read_set(folder: Path, count: int) -> torch.Tensor:
+    """The first ``count`` images :func:`fill_set` wrote to ``folder``."""
     images = []
-    for p in paths:
+    for p in _set_paths(folder, count):
         with Image.open(p) as im:
             images.append(im.convert("RGB"))
-    return to_tensor(images), meta["seconds"] / max(1, meta["generated"])
+    return to_tensor(images)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,17 +361,37 @@ def _default_guidance_text(backbone) -> str:
     return f"{base:g}" if base == refine else f"{base:g} at the base size, {refine:g} at later stages (the model's default)"
 
 
+def _captions(args: argparse.Namespace, records: list[dict]) -> tuple[list[str], list[dict]]:
+    """The captions to generate (--prompts' first --num-images lines, else a seeded choice of eval-split records)
+    and the records they come from (none with --prompts)."""
+    if args.prompts is not None:
+        prompts = read_prompts(args.prompts)
+        if len(prompts) < args.num_images:
+            raise ValueError(f"--prompts {args.prompts} holds {len(prompts)} prompts, fewer than --num-images "
+                             f"{args.num_images}")
+        return prompts[:args.num_images], []
+    chosen = choose_records(records, args.num_images, args.seed)
+    return [r["caption"] for r in chosen], chosen
+
+
 def evaluate(args: argparse.Namespace) -> list[dict]:
-    """Run the evaluation described in the module docstring; returns the table rows."""
+    """Run the evaluation described in the module docstring; returns the table rows (on the main process; other
+    processes of ``accelerate launch`` generate their share of the images and return [])."""
     from .data.emoji import default_cache_dir, read_manifest
     from .metrics import load_features
+    from .processes import is_main_process, process_device
 
-    # 1. data, model, features
+    # 1. data, model, features (every process loads them, so a bad option fails everywhere alike)
+    args.device = process_device(args.device)
+    for option, folder in (("--real", args.real), ("--base-samples", args.base_samples)):
+        if folder is not None and not (Path(folder).is_dir() and image_files(Path(folder))):  # before hours of sampling
+            raise FileNotFoundError(f"{option} {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) there")
     out = Path(args.out)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    records = read_manifest(cache_dir)
+    emoji_captions = args.generated is None and args.prompts is None
+    records = read_manifest(cache_dir) if args.real is None or emoji_captions else []
     num_eval = sum(r["split"] == "eval" for r in records)
-    reference_records = choose_records(records, min(args.num_real, num_eval), args.seed + 1)
+    reference_records = [] if args.real else choose_records(records, min(args.num_real, num_eval), args.seed + 1)
     cascade = None
     if args.generated is None or args.base_size is None:
         from .commands import load_cascade
@@ -312,58 +401,68 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
     extractor = load_features(args.features, args.feature_weights,
                               device=cascade.backbone.device if cascade is not None else "cpu")
     logger.info("features: %s", extractor.name)
-    base_samples = load_folder(Path(args.base_samples)) if args.base_samples else None
 
-    # 2. the image sets to score: generated here (cached per mode and size) or read from --generated
-    sets: dict[tuple[int, str], torch.Tensor] = {}
+    # 2. the image sets to score: generated here (cached per mode and size, shared between processes) or read
+    #    from --generated
+    folders: dict[tuple[int, str], Path] = {}
     timings: dict[tuple[int, str], float | None] = {}
     chosen: list[dict] = []
     captions: list[str] | None = None  # of the generated images, when generated here
     guidance = None
-    if args.generated is not None:
-        sets = _generated_sets(Path(args.generated))
-        timings = {key: None for key in sets}
-    else:
-        chosen = choose_records(records, args.num_images, args.seed)
-        captions = [r["caption"] for r in chosen]
+    base_folder = None
+    if args.generated is None:
+        captions, chosen = _captions(args, records)
         guidance = args.guidance  # None: the model's default, per stage
 
-        def generated(mode: str, size: int) -> tuple[torch.Tensor, float]:
+        def generated(mode: str, size: int) -> tuple[Path, float]:
             spec = GenerationSpec(model=cascade.backbone.name, mode=mode, size=size, steps=args.steps, guidance=guidance,
                                   seed=args.seed, upsamplers=args.upsamplers if mode == "tuned" else None)
-            return generate_set(cascade, spec, captions, out / "generated" / spec.folder_name, args.batch_size,
-                                progress=not args.no_progress)
+            folder = out / "generated" / spec.folder_name
+            return folder, fill_set(cascade, spec, captions, folder, args.batch_size, progress=not args.no_progress)
 
-        if base_samples is None:
-            base_samples = generated("direct", base)[0]
+        if args.base_samples is None:
+            base_folder = generated("direct", base)[0]
         for size in args.sizes:
             for mode in args.modes:
-                sets[(size, mode)], timings[(size, mode)] = generated(mode, size)
+                folders[(size, mode)], timings[(size, mode)] = generated(mode, size)
+    if not is_main_process():
+        return []
+    sets = ({key: read_set(folder, len(captions)) for key, folder in folders.items()} if args.generated is None
+            else _generated_sets(Path(args.generated)))
+    timings = timings or {key: None for key in sets}
+    base_samples = (load_folder(Path(args.base_samples)) if args.base_samples else
+                    read_set(base_folder, len(captions)) if base_folder is not None else None)
     base_features = extractor(base_samples) if base_samples is not None else None
 
-    # 3. score size by size against the real renders at that size
+    # 3. score size by size against the real images at that size
+    caption_text = (f"{len(captions)} captions from `{args.prompts}` (its first lines)" if args.prompts else
+                    f"{len(chosen)} eval-split captions (seed {args.seed})")
     header = [
         "# Self-cascade evaluation", "",
         f"Features: `{extractor.name}`. Generated: "
         + (f"`{args.generated}`" if args.generated else
-           f"{args.model}, {len(chosen)} eval-split captions (seed {args.seed}), one image each with seeds "
-           f"{args.seed}-{args.seed + len(chosen) - 1}, {args.steps} steps, guidance "
+           f"{args.model}, {caption_text}, one image each with seeds "
+           f"{args.seed}-{args.seed + len(captions) - 1}, {args.steps} steps, guidance "
            f"{guidance if guidance is not None else _default_guidance_text(cascade.backbone)}")
-        + f". Real: {len(reference_records)} eval-split renders per size. Base size {base} px; pFID/pKID on "
-        f"{args.crops_per_image} random {base} px crops per image; FID_b/KID_b against "
+        + ". Real: "
+        + (f"up to {args.num_real} images of `{args.real}` per size (shorter side at least the size, centre-cropped "
+           "and resized to it)" if args.real else f"{len(reference_records)} eval-split renders per size")
+        + f". Base size {base} px; pFID/pKID on {args.crops_per_image} random {base} px crops per image; FID_b/KID_b "
+        "against "
         + (f"`{args.base_samples}`" if args.base_samples else
            "n/a" if base_samples is None else "the base model's samples (same captions and seeds)")
         + ". KID: mean ± std over 100 random subsets of up to 1000 (std ~0 when both sets are that small: every "
         "subset is then the whole set). Counts in parentheses: (generated / reference) images or crops, the "
-        "reference being the real renders, or the base samples for FID_b/KID_b. Lower is better, except style: "
+        "reference being the real images, or the base samples for FID_b/KID_b. Lower is better, except style: "
         "the share of generated images the emoji network assigns the style their caption names (prompt "
-        "adherence without CLIP; n/a with other features or without captions).",
+        "adherence without CLIP; n/a with other features or without captions naming a style).",
     ]
     rows: list[dict] = []
     for size in sorted({size for size, _ in sets}):
-        real = _real(cache_dir, reference_records, size)
+        real = (load_real_folder(Path(args.real), size, args.num_real) if args.real else
+                _real(cache_dir, reference_records, size))
         reference = make_reference(extractor, real, base, args.crops_per_image, args.seed)
-        grid_rows = {"real": _real(cache_dir, chosen[:args.grid_images], size) if chosen else real}
+        grid_rows = {"real": _real(cache_dir, chosen[:args.grid_images], size) if chosen and not args.real else real}
         if base_samples is not None:
             grid_rows["base"] = base_samples
         for (set_size, name), fake in sets.items():
@@ -391,8 +490,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["direct", "tuning-free"])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="square target sides in pixels")
-    parser.add_argument("--num-images", type=int, default=64, help="eval captions, one generated image each")
-    parser.add_argument("--num-real", type=int, default=512, help="real eval-split renders per size (capped at the split)")
+    parser.add_argument("--num-images", type=int, default=64, help="captions, one generated image each")
+    parser.add_argument("--prompts", default=None, metavar="FILE",
+                        help="captions to generate from: the first --num-images lines of FILE, one per line (default: "
+                             "a seeded choice of the emoji eval split)")
+    parser.add_argument("--num-real", type=int, default=512,
+                        help="real images per size (capped at the eval split, or at the usable images of --real)")
+    parser.add_argument("--real", default=None, metavar="DIR",
+                        help="a folder of real images to score against instead of the emoji renders: the first "
+                             "--num-real (by file name) at least SIZE px on their shorter side, centre-cropped to a "
+                             "square and resized to SIZE (bicubic); smaller ones are skipped")
     parser.add_argument("--steps", type=int, default=50, help="scheduler steps of a full schedule")
     parser.add_argument("--guidance", type=parse_guidance, default=None, help="guidance scale (default: the model's)")
     parser.add_argument("--upsamplers", default=None, help="feature-upsampler bank for mode 'tuned'")

@@ -150,3 +150,19 @@ def test_ship_then_export_a_stock_folder_with_the_scale_cue(tmp_path: Path, vae_
     assert type(embedded.backbone).__name__ == "SDBackbone" and embedded.backbone.name == "embedded"
     assert embedded.backbone.zoom_cue == embedded_sd.ZOOM_CUE and embedded.backbone.base_size == (32, 32)
     assert type(SelfCascadePipeline.from_pretrained("embedded-v2", device="cpu").backbone).__name__ == "EmbeddedBackbone"
+
+
+def test_init_from_continues_shipped_weights_and_counts_their_steps(tmp_path: Path, vae_dir: Path, data) -> None:
+    first = tmp_path / "first"
+    train_sd.train(_args(first, vae_dir, "--max-steps", "3"), data)
+    shipped = train_sd.ship_run(first, tmp_path / "shipped")
+    state = train_sd.train(_args(tmp_path / "second", vae_dir, "--max-steps", "0", "--init-from", str(shipped)), data)
+    assert state["init_from"] == {"path": str(shipped), "steps": 3, "seconds": pytest.approx(state["init_from"]["seconds"])}
+    shipped_unet = load_file(str(shipped / "unet" / "diffusion_pytorch_model.safetensors"))
+    started = load_file(str(tmp_path / "second" / "checkpoint" / "model.safetensors"))
+    assert all(torch.equal(started[k], shipped_unet[k].float()) for k in shipped_unet)
+    again = train_sd.ship_run(tmp_path / "second", tmp_path / "again")
+    assert json.loads((again / "train_state.json").read_text())["init_from"]["steps"] == 3
+    with pytest.raises(ValueError, match="another UNet layout"):
+        train_sd.train(_args(tmp_path / "third", vae_dir, "--max-steps", "0", "--init-from", str(shipped),
+                             "--unet-config", json.dumps({**TINY_UNET, "block_out_channels": [16, 16, 16, 32]})), data)

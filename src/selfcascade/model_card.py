@@ -134,7 +134,7 @@ def card_text(info: dict, captions: Sequence[str], steps: int = 50) -> str:
 
 def sd_card_text(state: dict, sampling: dict, parameters: int, steps: int = 50) -> str:
     """The v3 card: a tiny Stable Diffusion; numbers from the run's ``train_state.json``."""
-    unet = state["unet_config"]
+    unet, previous = state["unet_config"], state.get("init_from", {})
     zoom = (f"; {state['zoom_prob']:.0%} of each batch are 128 px windows of the "
             f"{'/'.join(f'{f}x' for f in state['zoom_factors'])} renders ({state['zoom_count']:,} per zoom), their "
             f"captions ending in the scale cue `{sampling.get('zoom_cue', '')}`") if state.get("zoom_prob") else ""
@@ -159,9 +159,12 @@ def sd_card_text(state: dict, sampling: dict, parameters: int, steps: int = 50) 
         "`<label>, <tags>, <style> style`)" + zoom + " |",
         f"| objective | {state['prediction_type']} prediction on SD's scaled-linear schedule (1000 steps), min-SNR-"
         f"{state['min_snr_gamma']:g} weighting, caption dropout {state['caption_dropout']:g} (for guidance) |",
-        f"| training | {state['train_steps']:,} steps at batch {state['batch_size']}, AdamW lr {state['lr']:g} "
-        f"(warm-up {state['warmup']}), EMA {state['ema_decay']:g} (exported) |",
-        f"| wall time | {state['train_seconds'] / 3600:.1f} h of training on {state.get('hardware', 'unrecorded hardware')} |",
+        f"| training | {state['train_steps'] + previous.get('steps', 0):,} steps at batch {state['batch_size']}, AdamW lr "
+        f"{state['lr']:g} (warm-up {state['warmup']}), EMA {state['ema_decay']:g} (exported)"
+        + (f"; the last {state['train_steps']:,} continue from the weights of an earlier run of "
+           f"{previous['steps']:,} steps ({previous['seconds'] / 3600:.1f} h)" if previous else "") + " |",
+        f"| wall time | {(state['train_seconds'] + previous.get('seconds', 0)) / 3600:.1f} h of training in all, the last "
+        f"{state['train_seconds'] / 3600:.1f} h on {state.get('hardware', 'unrecorded hardware')} |",
         f"| sampling defaults | K {sampling.get('K', 700)}, {guidance} (`selfcascade.json`) |",
         "| licence | code Apache-2.0; weights inherit the artwork licences (CC BY-SA 4.0, CC BY 4.0, Apache-2.0, MIT) |",
         "", f"![train-split captions]({SAMPLES_TRAIN_PNG})", "",

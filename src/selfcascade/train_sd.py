@@ -194,6 +194,10 @@ def train(args: argparse.Namespace, data: LatentData | None = None) -> dict:
     unet = build_sd_unet(config)
     if ckpt is not None:
         unet.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+        if args.init_from is not None:
+            logger.warning("--init-from %s ignored: %s resumes from its checkpoint", args.init_from, run_dir)
+    elif args.init_from is not None:
+        state["init_from"] = warm_start(unet, args.init_from)
     unet.to(device)
     ema = EMA(unet, args.ema_decay)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
@@ -220,6 +224,29 @@ def train(args: argparse.Namespace, data: LatentData | None = None) -> dict:
     if args.ship and accelerator.is_main_process:
         ship_run(run_dir)
     return state
+
+
+def warm_start(unet: torch.nn.Module, folder: Path) -> dict:
+    """Load the UNet of a ``--ship``/``--export`` folder (or a bare UNet folder) into a new run's model, e.g. to
+    continue a run on another machine; returns where it came from and what it had been trained for."""
+    from diffusers import UNet2DConditionModel
+
+    folder = Path(folder)
+    unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
+    if not (unet_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{unet_dir} holds no UNet (config.json); give a folder written by `train-sd --ship` "
+                                "or `--export`, or its unet/ folder.")
+    source = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32)
+    differ = sorted(k for k in unet.config if not k.startswith("_") and source.config.get(k) != unet.config[k])
+    if differ:
+        raise ValueError(f"{unet_dir} has another UNet layout ({', '.join(differ)} differ); pass its config with "
+                         "--unet-config or start without --init-from.")
+    unet.load_state_dict(source.state_dict())
+    summary_file = folder / "train_state.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    previous = summary.get("init_from", {})
+    return {"path": str(folder), "steps": summary.get("train_steps", 0) + previous.get("steps", 0),
+            "seconds": summary.get("train_seconds", 0) + previous.get("seconds", 0)}
 
 
 def run_sampling(settings: dict) -> dict:
@@ -303,6 +330,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--checkpoint-every", type=int, default=200)
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="new runs: start from this UNet (a `--ship`/`--export` folder), e.g. a run continued on "
+                             "another machine; its steps and time count toward the model card")
     parser.add_argument("--export", type=Path, default=None, help="write a stock SD folder here at the end")
     parser.add_argument("--ship", action="store_true",
                         help="at the end, put the EMA UNet into the package as the embedded model (developers)")

@@ -75,7 +75,8 @@ def load_unet_weights(unet: torch.nn.Module, folder: str | Path, base_model: str
     folder = Path(folder)
     weights = folder / FINETUNE_WEIGHTS_FILE
     if not weights.is_file():
-        raise FileNotFoundError(f"{weights} not found: --unet-weights takes a folder written by `selfcascade finetune`.")
+        raise FileNotFoundError(f"{weights} not found: --unet-weights takes a folder written by "
+                                "`selfcascade finetune`.")
     info_file = folder / FINETUNE_INFO_FILE
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
     if base_model is not None and info.get("base_model") not in (None, base_model):

@@ -35,8 +35,9 @@ import torch
 from selfcascade import SelfCascadePipeline
 from selfcascade.loading import load_unet_weights
 from selfcascade.data.emoji import default_cache_dir, read_manifest
-from selfcascade.evaluate import (GenerationSpec, _real, choose_records, generate_set, make_reference, percent, score,
-                                 style_adherence, write_grid)
+from selfcascade.evaluate import GenerationSpec, choose_records, generate_set, percent, write_grid
+from selfcascade.image_sets import emoji_renders
+from selfcascade.scoring import make_reference, score, style_adherence
 from selfcascade.io import atomic_path
 from selfcascade.metrics import load_features
 from selfcascade.upsamplers import UpsamplerBank
@@ -247,10 +248,10 @@ def main() -> None:
     for size in args.sizes:
         active = [m for m in methods if m.tuned_size is None or size >= m.tuned_size]
         timing = time_methods(active, size, args.steps, args.repeats)
-        real = _real(cache_dir, reference_records, size)
+        real = emoji_renders(cache_dir, reference_records, size)
         references[size] = make_reference(extractor, real, base, args.crops_per_image, args.seed)
         style_real = style_adherence(extractor, real, [r["caption"] for r in reference_records])
-        grid = {"real": _real(cache_dir, caption_records[:GRID_COLUMNS], size)}
+        grid = {"real": emoji_renders(cache_dir, caption_records, size).head(GRID_COLUMNS)}
         for m in active:
             fake, _ = generate_set(m.cascade, m.spec(size, args.steps, args.seed), captions,
                                    args.out / f"{m.label}-{size}", args.batch_size)
@@ -277,8 +278,8 @@ def main() -> None:
 
     if args.curves:
         size = args.curve_size
-        reference = references.get(size) or make_reference(extractor, _real(cache_dir, reference_records, size), base,
-                                                           args.crops_per_image, args.seed)
+        reference = references.get(size) or make_reference(
+            extractor, emoji_renders(cache_dir, reference_records, size), base, args.crops_per_image, args.seed)
         points = curves(args, extractor, captions, reference, base_features, args.out)
         if points:
             plot_curves(points, stem.with_name(stem.name + "_curves.png"), size)

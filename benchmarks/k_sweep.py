@@ -17,11 +17,13 @@ import torch
 
 from selfcascade import SelfCascadePipeline
 from selfcascade.data.emoji import default_cache_dir, read_manifest
-from selfcascade.evaluate import _real, choose_records, make_reference, score
+from selfcascade.evaluate import choose_records
 from selfcascade.grid import make_grid
+from selfcascade.image_sets import emoji_renders
 from selfcascade.io import atomic_path
 from selfcascade.metrics import load_features
 from selfcascade.model_card import HELD_OUT_CAPTIONS
+from selfcascade.scoring import make_reference, score
 
 from bench_inference import device_name, write_results
 
@@ -60,7 +62,7 @@ def main() -> None:
 
     rows = []
     for size in args.sizes:
-        reference = make_reference(extractor, _real(cache_dir, reference_records, size), base, 4, args.seed)
+        reference = make_reference(extractor, emoji_renders(cache_dir, reference_records, size), base, 4, args.seed)
         for k in args.ks:
             fake = generate(pipe, captions, size, "tuning-free", args.steps, K=k)
             metrics = score(extractor, fake, reference, base_features, base, 4, args.seed)

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selfcascade.metrics import (FeatureExtractor, FeatureExtractorUnavailable, InceptionFeatures,
+from selfcascade.metrics import (FeatureExtractor, FeatureExtractorUnavailable, InceptionFeatures, SWDDescriptors,
                                  feature_statistics, frechet_distance, frechet_distance_from_stats,
                                  kernel_inception_distance, laplacian_pyramid, random_crops, resize_images,
-                                 sliced_wasserstein_distance)
+                                 sliced_wasserstein_distance, sliced_wasserstein_from_descriptors)
 from selfcascade.metrics import features as features_module
 
 
@@ -141,6 +141,49 @@ def test_swd_sets_of_different_counts_and_seeding():
         sliced_wasserstein_distance(a, _smooth_images(4, seed=1, size=64))
 
 
+def test_swd_batch_size_changes_no_number():
+    a, b = _smooth_images(7, seed=0, size=32), _smooth_images(5, seed=1, size=32)  # counts differ: subsampling
+    whole = sliced_wasserstein_distance(a, b, batch_size=64)
+    for batch_size in (1, 3):
+        batched = sliced_wasserstein_distance(a, b, batch_size=batch_size)
+        assert batched.resolutions == whole.resolutions
+        assert batched.per_level == pytest.approx(whole.per_level, rel=1e-5, abs=1e-7)
+
+
+def test_swd_descriptors_depend_on_image_index_not_on_order():
+    a, b = _smooth_images(6, seed=0, size=32), _smooth_images(6, seed=1, size=32)
+    forward, backward, other = SWDDescriptors(seed=3), SWDDescriptors(seed=3), SWDDescriptors(seed=3)
+    forward.add(a)
+    for start in (4, 2, 0):  # batches in reverse order, each told where it starts
+        backward.add(a[start:start + 2], first_index=start)
+    other.add(b)
+    assert backward.count == 6 and backward.resolutions == [32, 16]
+    ahead = sliced_wasserstein_from_descriptors(forward, other, seed=4)
+    behind = sliced_wasserstein_from_descriptors(backward, other, seed=4)
+    assert behind.per_level == pytest.approx(ahead.per_level, rel=1e-5, abs=1e-7)  # equal counts: no subsampling
+    assert ahead == sliced_wasserstein_distance(a, b, seed=3)  # the in-memory function is this path
+    same = SWDDescriptors(seed=3)
+    same.add(a)
+    assert sliced_wasserstein_from_descriptors(forward, same).per_level == [0.0, 0.0]  # common random numbers
+
+
+def test_swd_descriptors_errors():
+    descriptors = SWDDescriptors()
+    with pytest.raises(ValueError, match="no images gathered"):
+        sliced_wasserstein_from_descriptors(descriptors, descriptors)
+    descriptors.add(_smooth_images(2, seed=0, size=32))
+    with pytest.raises(ValueError, match="sizes differ"):
+        descriptors.add(_smooth_images(2, seed=0, size=64))
+    larger = SWDDescriptors()
+    larger.add(_smooth_images(2, seed=0, size=64))
+    with pytest.raises(ValueError, match="sizes differ"):
+        sliced_wasserstein_from_descriptors(descriptors, larger)
+    with pytest.raises(ValueError, match="smaller than min_size"):
+        SWDDescriptors().add(_smooth_images(1, seed=0, size=8))
+    with pytest.raises(ValueError, match="at least patch_size"):
+        SWDDescriptors(patch_size=9, min_size=8)
+
+
 def test_laplacian_pyramid_of_constant_image():
     images = torch.full((2, 3, 32, 32), 0.4)
     bands = laplacian_pyramid(images, 3)
@@ -182,6 +225,17 @@ def test_random_crops_shapes_determinism_and_bounds():
     assert random_crops(images, (4, 6), crops_per_image=2, seed=0).shape == (n * 2, 3, 4, 6)
     with pytest.raises(ValueError, match="larger than the images"):
         random_crops(images, 21, crops_per_image=1, seed=0)
+
+
+def test_random_crops_depend_on_image_index_not_on_batching():
+    images = _smooth_images(5, seed=0, size=24)
+    whole = random_crops(images, 8, crops_per_image=3, seed=2)
+    pieces = [random_crops(images[start:start + 2], 8, crops_per_image=3, seed=2, first_index=start)
+              for start in (4, 0, 2)]  # any batching, any order
+    assert torch.equal(torch.cat([pieces[1], pieces[2], pieces[0]]), whole)
+    assert not torch.equal(random_crops(images[1:], 8, crops_per_image=3, seed=2), whole[3:])  # index matters
+    with pytest.raises(ValueError, match="non-negative"):
+        random_crops(images, 8, crops_per_image=1, seed=-1)
 
 
 # --- feature extractors ----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from selfcascade.cli import main
-from selfcascade.evaluate import load_real_folder
+from selfcascade.image_sets import real_folder_set
 from selfcascade.metrics.emoji_features import DEFAULT_DIR
 
 
@@ -107,14 +107,14 @@ def test_real_folder_is_centre_cropped_resized_and_filtered(tmp_path: Path, capl
     left_red[:, 30:70] = (0, 0, 255)
     Image.fromarray(left_red).save(folder / "a.png")
     Image.new("RGB", (20, 30)).save(folder / "b.png")  # too small for 32 px: skipped, with a warning
-    images = load_real_folder(folder, 32, count=5)
+    images = real_folder_set(folder, 32, count=5).read_all()
     assert images.shape == (1, 3, 32, 32)
     assert images[0, 2].min() > 0.9 and images[0, 0].max() < 0.1  # only the centre square, all blue
     assert "skipped 1 image(s) smaller than 32 px" in caplog.text
     with pytest.raises(ValueError, match="no image is at least 64 px"):
-        load_real_folder(folder, 64, count=5)
+        real_folder_set(folder, 64, count=5)
     with pytest.raises(FileNotFoundError, match="no images"):
-        load_real_folder(tmp_path / "missing", 32, count=5)
+        real_folder_set(tmp_path / "missing", 32, count=5)
 
 
 def test_prompt_options_are_checked_before_loading_a_model(tmp_path: Path, capsys) -> None:

@@ -20,7 +20,9 @@ Features: Inception-V3 (torchmetrics/torch-fidelity) when installed with its wei
 the emoji network the project trains and ships (``--features``; the table names the one used). KID
 is reported as mean ± std over subsets; every number carries its sample counts, since FID is biased
 at small counts. Generated images are cached as PNGs under ``OUT/generated/<mode>-<size>/``, so an
-interrupted run continues where it stopped; ``--generated DIR`` scores any model's images instead.
+interrupted run continues where it stopped; ``--generated DIR`` scores any model's images instead. Scoring reads
+every set ``--score-batch-size`` images at a time (:mod:`selfcascade.scoring`), so its memory does not grow with
+the set beyond features and SWD descriptors.
 Writes ``OUT/results.md``, ``OUT/results.csv`` and one image grid per size.
 """
 
@@ -43,11 +45,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from .commands import add_command, read_prompts, run_module
+from .image_sets import IMAGE_SUFFIXES, ImageSet, emoji_renders, file_set, folder_set, image_files, real_folder_set
 from .io import atomic_path, save_png
+from .scoring import DEFAULT_BATCH_SIZE, make_reference, score, summarise
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 META_JSON = "meta.json"
 
 
@@ -65,65 +68,9 @@ def choose_records(records: list[dict], count: int, seed: int) -> list[dict]:
     return chosen[:count]
 
 
-def to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
-    """PIL images of one size -> float ``[N, 3, H, W]`` in [0, 1]."""
-    sizes = {im.size for im in images}
-    if len(sizes) != 1:
-        raise ValueError(f"images differ in size ({sorted(sizes)}); score one size per folder")
-    return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2).float() / 255
-
-
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     array = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     return [Image.fromarray(a) for a in array]
-
-
-def image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-
-
-def load_folder(folder: Path) -> torch.Tensor:
-    """Every image in ``folder`` (sorted by name), all of one size."""
-    files = image_files(folder)
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    opened = [Image.open(p) for p in files]
-    try:
-        return to_tensor(opened)
-    finally:
-        for im in opened:
-            im.close()
-
-
-def load_real_folder(folder: Path, size: int, count: int) -> torch.Tensor:
-    """The first ``count`` images of ``folder`` (sorted by name) whose shorter side is at least ``size``, each
-    centre-cropped to a square and resized to ``size`` (PIL bicubic, antialiased, as clean-fid resizes).
-
-    Smaller images are skipped, not enlarged: like the paper's filter of LAION to images above the target size,
-    so the reference holds real detail at that size."""
-    files = image_files(Path(folder)) if Path(folder).is_dir() else []
-    if not files:
-        raise FileNotFoundError(f"--real {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) there")
-    images, skipped = [], 0
-    for path in files:
-        if len(images) == count:
-            break
-        with Image.open(path) as im:
-            width, height = im.size
-            side = min(width, height)
-            if side < size:
-                skipped += 1
-                continue
-            left, top = (width - side) // 2, (height - side) // 2
-            images.append(im.convert("RGB").crop((left, top, left + side, top + side))
-                          .resize((size, size), Image.Resampling.BICUBIC))
-    if skipped:
-        logger.warning("--real %s: skipped %d image(s) smaller than %d px on their shorter side", folder, skipped, size)
-    if not images:
-        raise ValueError(f"--real {folder}: no image is at least {size} px on its shorter side")
-    if len(images) < count:
-        logger.warning("--real %s: %d usable image(s) at %d px, fewer than --num-real %d", folder, len(images), size, count)
-    return to_tensor(images)
 
 
 @dataclass
@@ -145,9 +92,10 @@ class GenerationSpec:
 
 def generate_set(cascade, spec: GenerationSpec, captions: list[str], folder: Path, batch_size: int,
                  progress: bool = True) -> tuple[torch.Tensor, float]:
-    """:func:`fill_set`, then the images read back from the PNGs (so fresh and cached runs score identical pixels)."""
+    """:func:`fill_set`, then the images read back from the PNGs (so fresh and cached runs score identical pixels),
+    all in memory: for small sets (benchmarks, tests); `evaluate` scores :func:`read_set` batch by batch."""
     seconds_per_image = fill_set(cascade, spec, captions, folder, batch_size, progress)
-    return read_set(folder, len(captions)), seconds_per_image
+    return read_set(folder, len(captions)).read_all(), seconds_per_image
 
 
 def _set_paths(folder: Path, count: int) -> list[Path]:
@@ -211,69 +159,9 @@ def fill_set(cascade, spec: GenerationSpec, captions: list[str], folder: Path, b
     return (recorded_seconds + sum(s for s, _ in shares)) / max(1, recorded_count + sum(n for _, n in shares))
 
 
-def read_set(folder: Path, count: int) -> torch.Tensor:
-    """The first ``count`` images :func:`fill_set` wrote to ``folder``."""
-    images = []
-    for p in _set_paths(folder, count):
-        with Image.open(p) as im:
-            images.append(im.convert("RGB"))
-    return to_tensor(images)
-
-
-# --------------------------------------------------------------------------------------------------
-# Scores
-
-
-@dataclass
-class Reference:
-    """Real images at one target size with their features, computed once for every mode."""
-
-    images: torch.Tensor
-    features: torch.Tensor
-    crop_features: torch.Tensor
-    num_crops: int
-
-
-def _fid_kid(feats_a: torch.Tensor, feats_b: torch.Tensor) -> tuple[float, float, float]:
-    """FID, KID mean, KID std."""
-    from .metrics import frechet_distance, kernel_inception_distance
-
-    kid, kid_std = kernel_inception_distance(feats_a, feats_b)
-    return frechet_distance(feats_a, feats_b), kid, kid_std
-
-
-def make_reference(extractor, real: torch.Tensor, base: int, crops_per_image: int, seed: int) -> Reference:
-    from .metrics import random_crops
-
-    crops = random_crops(real, base, crops_per_image, seed)
-    return Reference(real, extractor(real), extractor(crops), crops.shape[0])
-
-
-def score(extractor, fake: torch.Tensor, reference: Reference, base_features: torch.Tensor | None, base: int,
-          crops_per_image: int, seed: int, captions: list[str] | None = None) -> dict:
-    """One table row's numbers and their sample counts (FID_b/KID_b are None without base samples; style
-    adherence is None without the captions or an extractor that knows styles)."""
-    from .metrics import random_crops, resize_images, sliced_wasserstein_distance
-
-    row: dict = {"n_gen": fake.shape[0], "n_real": reference.images.shape[0]}
-    fake_feats = extractor(fake)
-    row["FID_r"], row["KID_r"], row["KID_r_std"] = _fid_kid(fake_feats, reference.features)
-    crops = random_crops(fake, base, crops_per_image, seed + 1)  # other positions than the real crops'
-    row["n_gen_crops"], row["n_real_crops"] = crops.shape[0], reference.num_crops
-    row["pFID_r"], row["pKID_r"], row["pKID_r_std"] = _fid_kid(extractor(crops), reference.crop_features)
-    row["n_base"] = 0 if base_features is None else base_features.shape[0]
-    row["FID_b"] = row["KID_b"] = row["KID_b_std"] = None
-    if base_features is not None:
-        row["FID_b"], row["KID_b"], row["KID_b_std"] = _fid_kid(extractor(resize_images(fake, base)), base_features)
-    row["SWD_x1e3"] = 1e3 * sliced_wasserstein_distance(fake, reference.images, seed=seed).mean
-    row["style_acc"] = style_adherence(extractor, fake, captions) if captions else None
-    return row
-
-
-def style_adherence(extractor, images: torch.Tensor, captions: list[str]) -> float | None:
-    """The extractor's style adherence of ``images`` to ``captions``; None for features that know no styles."""
-    adherence = getattr(extractor, "style_adherence", None)
-    return None if adherence is None else adherence(images, captions)
+def read_set(folder: Path, count: int) -> ImageSet:
+    """The first ``count`` images :func:`fill_set` wrote to ``folder``, read when scored."""
+    return file_set(_set_paths(folder, count))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,13 +222,7 @@ def write_grid(path: Path, rows: dict[str, torch.Tensor], columns: int, cell: in
 # The command
 
 
-def _real(cache_dir: Path, records: list[dict], size: int) -> torch.Tensor:
-    from .data.loader import load_images
-
-    return load_images(cache_dir, records, size, "eval").float() / 255
-
-
-def _generated_sets(root: Path) -> dict[tuple[int, str], torch.Tensor]:
+def _generated_sets(root: Path) -> dict[tuple[int, str], ImageSet]:
     """``--generated DIR``: its images, or one set per subfolder (named by the subfolder), keyed by (size, name)."""
     if not root.is_dir():
         raise FileNotFoundError(f"--generated {root} is not a folder of images (or of folders of images)")
@@ -349,10 +231,11 @@ def _generated_sets(root: Path) -> dict[tuple[int, str], torch.Tensor]:
         raise FileNotFoundError(f"no images in {root} or its subfolders")
     sets = {}
     for folder in folders:
-        images = load_folder(folder)
-        if images.shape[2] != images.shape[3]:
-            raise ValueError(f"{folder}: images are {images.shape[3]}x{images.shape[2]}; the real renders are square")
-        sets[(images.shape[2], folder.name)] = images
+        images = folder_set(folder)
+        height, width = images.size
+        if height != width:
+            raise ValueError(f"{folder}: images are {width}x{height}; the real renders are square")
+        sets[(height, folder.name)] = images
     return sets
 
 
@@ -430,9 +313,10 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
     sets = ({key: read_set(folder, len(captions)) for key, folder in folders.items()} if args.generated is None
             else _generated_sets(Path(args.generated)))
     timings = timings or {key: None for key in sets}
-    base_samples = (load_folder(Path(args.base_samples)) if args.base_samples else
+    base_samples = (folder_set(Path(args.base_samples)) if args.base_samples else
                     read_set(base_folder, len(captions)) if base_folder is not None else None)
-    base_features = extractor(base_samples) if base_samples is not None else None
+    batch = args.score_batch_size
+    base_features = summarise(extractor, base_samples, batch_size=batch).features if base_samples is not None else None
 
     # 3. score size by size against the real images at that size
     caption_text = (f"{len(captions)} captions from `{args.prompts}` (its first lines)" if args.prompts else
@@ -459,22 +343,23 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
     ]
     rows: list[dict] = []
     for size in sorted({size for size, _ in sets}):
-        real = (load_real_folder(Path(args.real), size, args.num_real) if args.real else
-                _real(cache_dir, reference_records, size))
-        reference = make_reference(extractor, real, base, args.crops_per_image, args.seed)
-        grid_rows = {"real": _real(cache_dir, chosen[:args.grid_images], size) if chosen and not args.real else real}
+        real = (real_folder_set(Path(args.real), size, args.num_real) if args.real else
+                emoji_renders(cache_dir, reference_records, size))
+        reference = make_reference(extractor, real, base, args.crops_per_image, args.seed, batch)
+        grid_rows = {"real": (emoji_renders(cache_dir, chosen, size) if chosen and not args.real else real)
+                     .head(args.grid_images)}
         if base_samples is not None:
-            grid_rows["base"] = base_samples
+            grid_rows["base"] = base_samples.head(args.grid_images)
         for (set_size, name), fake in sets.items():
             if set_size != size:
                 continue
             logger.info("scoring %s at %d px", name, size)
             row = {"size": size, "pixels": f"{(size / base) ** 2:g}x", "mode": name,
                    **score(extractor, fake, reference, base_features, base, args.crops_per_image, args.seed,
-                           captions),
+                           captions, batch),
                    "s_per_image": timings[(size, name)], "features": extractor.name}
             rows.append(row)
-            grid_rows[name] = fake
+            grid_rows[name] = fake.head(args.grid_images)
             logger.info("%s", {k: v for k, v in row.items() if k != "features"})
         write_grid(out / f"grid_{size}.png", grid_rows, args.grid_images, cell=max(size, 64))
         write_results(out, rows, header)  # after every size, so an interrupted run keeps what it measured
@@ -505,6 +390,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--upsamplers", default=None, help="feature-upsampler bank for mode 'tuned'")
     parser.add_argument("--seed", type=int, default=0, help="caption choice; image i gets seed SEED + i")
     parser.add_argument("--batch-size", type=int, default=8, help="images generated per call")
+    parser.add_argument("--score-batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help="images read and scored at a time: scoring holds one such batch (as float32, e.g. "
+                             "50 MB per 2048 px image) plus the sets' features and SWD descriptors")
     parser.add_argument("--crops-per-image", type=int, default=4, help="base-size crops per image for pFID/pKID")
     parser.add_argument("--features", choices=FEATURE_KINDS, default="auto",
                         help="auto: Inception if torchmetrics, torch-fidelity and cached weights are here, else the "

@@ -136,16 +136,22 @@ class EmojiFeatures:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self._run(images, self.network.features)
 
-    @torch.inference_mode()
     def style_adherence(self, images: torch.Tensor, captions: list[str]) -> float | None:
         """Share of ``images`` the style head assigns the style their caption ends with ("..., noto style"):
         an offline, CLIP-free measure of prompt adherence (of the style only; the head is right on 89% of
         held-out real renders, see the model card). None when a caption names none of the known styles."""
+        matches = self.style_matches(images, captions)
+        return None if matches is None else matches.float().mean().item()
+
+    @torch.inference_mode()
+    def style_matches(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor | None:
+        """Per image, whether the style head assigns the style its caption names (bool ``[N]``), so a set scored
+        batch by batch adds up to :meth:`style_adherence`; None when a caption names no known style."""
         styles = [caption_style(c, self.config.get("styles", [])) for c in captions]
         if len(captions) != images.shape[0] or None in styles:
             return None
         predicted = self._run(images, lambda x: self.network.style_head(self.network.features(x)).argmax(1))
-        return (predicted == torch.tensor(styles)).float().mean().item()
+        return predicted == torch.tensor(styles)
 
     def _run(self, images: torch.Tensor, head) -> torch.Tensor:
         """``head`` over batches of ``images`` resized to the input size, in eval mode (training mode restored)."""

@@ -11,6 +11,7 @@ Images are float tensors ``[N, 3, H, W]`` in [0, 1] throughout.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,10 +44,22 @@ def resize_images(images: torch.Tensor, size: Size, mode: str = "bicubic") -> to
     return resized.clamp(0, 1)
 
 
-def random_crops(images: torch.Tensor, size: Size, crops_per_image: int, seed: int) -> torch.Tensor:
+def item_rng(seed: int, index: int) -> np.random.Generator:
+    """The random numbers owned by image ``index`` of a set: a function of (seed, index) only, so whatever is drawn
+    from it (crop and neighbourhood positions) does not depend on how the set is split into batches or processes.
+
+    numpy's SeedSequence spawn keys give every index its own independent stream of one root seed."""
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and image index must be non-negative, got seed {seed}, index {index}")
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
+
+
+def random_crops(images: torch.Tensor, size: Size, crops_per_image: int, seed: int,
+                 first_index: int = 0) -> torch.Tensor:
     """``crops_per_image`` uniformly placed crops from every image, image-major: ``[N * k, 3, h, w]``.
 
-    Crops lie fully inside their image; the same seed gives the same crops.
+    Crops lie fully inside their image. Image j of ``images`` is image ``first_index + j`` of its set and its crops
+    come from :func:`item_rng` (seed, that index), so a set cropped batch by batch gets the crops it gets whole.
     """
     check_images(images)
     crop_h, crop_w = _pair(size)
@@ -55,11 +68,10 @@ def random_crops(images: torch.Tensor, size: Size, crops_per_image: int, seed: i
         raise ValueError(f"crop {crop_h}x{crop_w} is larger than the images ({height}x{width})")
     if crops_per_image < 1:
         raise ValueError(f"crops_per_image must be >= 1, got {crops_per_image}")
-    generator = torch.Generator().manual_seed(seed)
-    tops = torch.randint(0, height - crop_h + 1, (n, crops_per_image), generator=generator)
-    lefts = torch.randint(0, width - crop_w + 1, (n, crops_per_image), generator=generator)
-    return torch.stack([
-        images[i, :, top:top + crop_h, left:left + crop_w]
-        for i in range(n)
-        for top, left in zip(tops[i].tolist(), lefts[i].tolist())
-    ])
+    crops = []
+    for i in range(n):
+        rng = item_rng(seed, first_index + i)
+        tops = rng.integers(0, height - crop_h + 1, crops_per_image).tolist()
+        lefts = rng.integers(0, width - crop_w + 1, crops_per_image).tolist()
+        crops += [images[i, :, top:top + crop_h, left:left + crop_w] for top, left in zip(tops, lefts)]
+    return torch.stack(crops)

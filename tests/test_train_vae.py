@@ -1,5 +1,6 @@
 """The VAE trainer on a tiny AutoencoderKL: SD's layout, it learns, resumes exactly, refuses other settings,
-and exports a diffusers folder whose scaling factor comes from the data."""
+and exports a diffusers folder whose scaling factor comes from the data; a decoder-only fine-tune leaves the
+encoder bit-identical and keeps its source's scaling factor."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from selfcascade import train_vae
-from selfcascade.training import check_resume
+from selfcascade.training import check_resume, prior_training
 
 TINY = {"block_out_channels": [8, 8, 8, 8], "norm_num_groups": 4}
 
@@ -27,11 +28,12 @@ def _source() -> train_vae.CropSource:
     return train_vae.CropSource([images], crop=16)
 
 
-def _args(run_dir: Path, *extra: str) -> argparse.Namespace:
+def _args(run_dir: Path, *extra: str, new_vae: bool = True) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     train_vae.add_arguments(parser)
+    layout = ["--vae-config", json.dumps(TINY)] if new_vae else []
     return parser.parse_args(["--run-dir", str(run_dir), "--batch-size", "4", "--crop", "16", "--warmup", "1",
-                              "--lr", "2e-3", "--vae-config", json.dumps(TINY), "--cpu", "--threads", "1", *extra])
+                              "--lr", "2e-3", *layout, "--cpu", "--threads", "1", *extra])
 
 
 def test_default_vae_has_sd_layout() -> None:
@@ -81,8 +83,69 @@ def test_export_is_a_diffusers_folder_with_data_scaling(tmp_path: Path) -> None:
     assert vae.config.scaling_factor == pytest.approx(expected, rel=0.2)
     assert vae.config.scaling_factor != 0.18215  # computed, not SD's constant
     assert json.loads((tmp_path / "vae" / "train_state.json").read_text())["train_steps"] == 3
+    assert prior_training(tmp_path / "vae") == {"path": str(tmp_path / "vae"), "steps": 3, "seconds": 0}
 
 
 def test_crop_larger_than_images_is_refused() -> None:
     with pytest.raises(ValueError, match="lower --crop"):
         train_vae.CropSource([torch.zeros(1, 3, 8, 8, dtype=torch.uint8)], crop=16)
+
+
+SOURCE_SCALE = 0.777  # not what the data would give: a recomputed factor would not match it
+
+
+def _source_vae(folder: Path) -> Path:
+    """A tiny exported VAE to fine-tune (random weights: the decoder has everything to learn)."""
+    torch.manual_seed(1)
+    vae = train_vae.build_vae(TINY)
+    vae.register_to_config(scaling_factor=SOURCE_SCALE)
+    vae.save_pretrained(folder)
+    return folder
+
+
+def _part(weights: dict[str, torch.Tensor], *prefixes: str) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in weights.items() if k.startswith(prefixes)}
+
+
+def test_decoder_only_keeps_encoder_and_scaling_factor(tmp_path: Path) -> None:
+    from diffusers import AutoencoderKL
+
+    before = AutoencoderKL.from_pretrained(_source_vae(tmp_path / "src")).state_dict()
+    state = train_vae.train(_args(tmp_path / "run", "--max-steps", "30", "--log-every", "1", "--init-from",
+                                  str(tmp_path / "src"), "--decoder-only", "--export", str(tmp_path / "out"),
+                                  new_vae=False), _source())
+    losses = [v for _, v in state["losses"]]
+    assert sum(losses[-5:]) < 0.8 * sum(losses[:5])
+    exported = AutoencoderKL.from_pretrained(tmp_path / "out")
+    trained = load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
+    frozen = ("encoder.", "quant_conv.")
+    for after in (exported.state_dict(), trained):
+        assert _part(after, *frozen).keys() == _part(before, *frozen).keys()
+        assert all(torch.equal(v, before[k]) for k, v in _part(after, *frozen).items())
+        assert not all(torch.equal(v, before[k]) for k, v in _part(after, "decoder.", "post_quant_conv.").items())
+    assert exported.config.scaling_factor == SOURCE_SCALE
+    summary = json.loads((tmp_path / "out" / "train_state.json").read_text())
+    assert summary["decoder_only"] and summary["init_from"]["path"] == str(tmp_path / "src")
+
+
+def test_frozen_encoder_stays_in_eval_mode_without_gradients() -> None:
+    vae = train_vae.build_vae(TINY)
+    train_vae.freeze_encoder(vae)
+    vae.train()  # what the training loop does
+    assert not vae.encoder.training and not vae.quant_conv.training and vae.decoder.training
+    assert not any(p.requires_grad for p in [*vae.encoder.parameters(), *vae.quant_conv.parameters()])
+    assert all(p.requires_grad for p in [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()])
+
+
+def test_decoder_only_refusals(tmp_path: Path) -> None:
+    source, src = _source(), str(_source_vae(tmp_path / "src"))
+    with pytest.raises(ValueError, match="--decoder-only .* --init-from"):
+        train_vae.train(_args(tmp_path / "a", "--decoder-only"), source)
+    with pytest.raises(ValueError, match="--vae-config sets up a new VAE"):
+        train_vae.train(_args(tmp_path / "a", "--init-from", src), source)
+    with pytest.raises(FileNotFoundError, match="holds no VAE"):
+        train_vae.train(_args(tmp_path / "a", "--init-from", str(tmp_path), new_vae=False), source)
+    train_vae.train(_args(tmp_path / "b", "--max-steps", "2", "--init-from", src, "--decoder-only", new_vae=False),
+                    source)
+    with pytest.raises(ValueError, match="decoder_only: run has True, now False"):  # would move the encoder
+        train_vae.train(_args(tmp_path / "b", "--max-steps", "4", "--init-from", src, new_vae=False), source)

@@ -9,6 +9,10 @@ large canvases. Loss: L1 plus L1 of image gradients (edges) plus a tiny KL term 
 
 The latent scaling factor is computed from the data at export, as SD's was: 1 / std of the latents of
 train images. Resumable from ``RUN_DIR/checkpoint`` through the shared loop (``selfcascade.training``).
+
+``--init-from VAE_DIR`` continues an exported VAE; with ``--decoder-only`` only its decoder (and
+post_quant_conv) trains, the encoder and quant_conv are frozen and the export keeps the source's scaling
+factor, so the latents a UNet was trained on, and the UNet itself, stay valid.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from safetensors.torch import load_file
 
 from .checkpoints import find_checkpoint, read_checkpoint_state
 from .commands import add_command, run_module
-from .training import (EMA, LoopConfig, check_resume, hardware, latest_ema, model_and_ema_writer,
+from .training import (EMA, LoopConfig, check_resume, hardware, latest_ema, model_and_ema_writer, prior_training,
                        restore_model_and_ema, train_loop, write_train_summary)
 
 logger = logging.getLogger(__name__)
@@ -43,13 +47,39 @@ DEFAULT_VAE: dict = {
     "mid_block_add_attention": False,
 }
 #: Settings that must match to resume a run.
-RESUME_KEYS = ("batch_size", "crop", "lr", "kl_weight", "edge_weight", "sizes", "seed", "vae_config", "ema_decay")
+RESUME_KEYS = ("batch_size", "crop", "lr", "kl_weight", "edge_weight", "sizes", "seed", "vae_config", "ema_decay",
+               "init_from", "decoder_only")
 
 
 def build_vae(config: dict | None = None):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(**{**DEFAULT_VAE, **(config or {})})
+
+
+def freeze_encoder(vae) -> None:
+    """Encoder and quant_conv: no gradients and eval mode, kept through the loop's ``model.train()``, so a
+    decoder-only run leaves the latents (and the UNet trained on them) exactly as they were."""
+    for part in (vae.encoder, vae.quant_conv):
+        part.requires_grad_(False).eval()
+        part.train = lambda mode=True, part=part: part  # nn.Module.train() recurses through this
+
+
+def _vae_config(args: argparse.Namespace) -> dict:
+    """A new VAE's layout (defaults and ``--vae-config``), or the whole config of the ``--init-from`` VAE,
+    its scaling factor included."""
+    if args.decoder_only and args.init_from is None:
+        raise ValueError("--decoder-only fine-tunes the decoder of an existing VAE: give it with --init-from VAE_DIR")
+    if args.init_from is None:
+        return {**DEFAULT_VAE, **(json.loads(args.vae_config) if args.vae_config else {})}
+    if args.vae_config:
+        raise ValueError("--vae-config sets up a new VAE; --init-from continues the VAE in VAE_DIR with its own layout")
+    if not (Path(args.init_from) / "config.json").is_file():
+        raise FileNotFoundError(f"{args.init_from} holds no VAE (config.json); give a folder written by "
+                                "`selfcascade train-vae --export`")
+    from diffusers import AutoencoderKL
+
+    return {k: v for k, v in AutoencoderKL.load_config(args.init_from).items() if not k.startswith("_")}
 
 
 def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +133,8 @@ def _default_source(args: argparse.Namespace) -> CropSource:
 def _settings(args: argparse.Namespace, vae_config: dict) -> dict:
     return {"batch_size": args.batch_size, "crop": args.crop, "lr": args.lr, "kl_weight": args.kl_weight,
             "edge_weight": args.edge_weight, "sizes": list(args.sizes), "seed": args.seed,
-            "vae_config": vae_config, "ema_decay": args.ema_decay, "warmup": args.warmup}
+            "vae_config": vae_config, "ema_decay": args.ema_decay, "warmup": args.warmup,
+            "init_from": None if args.init_from is None else str(args.init_from), "decoder_only": args.decoder_only}
 
 
 def train(args: argparse.Namespace, source: CropSource | None = None) -> dict:
@@ -114,7 +145,7 @@ def train(args: argparse.Namespace, source: CropSource | None = None) -> dict:
     if accelerator.device.type == "cpu":
         torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir)
-    config = {**DEFAULT_VAE, **(json.loads(args.vae_config) if args.vae_config else {})}
+    config = _vae_config(args)
     settings = _settings(args, config)
     ckpt = find_checkpoint(run_dir)
     if ckpt is not None:
@@ -128,16 +159,24 @@ def train(args: argparse.Namespace, source: CropSource | None = None) -> dict:
     vae = build_vae(config)
     if ckpt is not None:
         vae.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+    elif args.init_from is not None:
+        from diffusers import AutoencoderKL
+
+        vae.load_state_dict(AutoencoderKL.from_pretrained(args.init_from).state_dict())
+        state["init_from"] = prior_training(Path(args.init_from))
+    if args.decoder_only:
+        freeze_encoder(vae)
     source = source or _default_source(args)
     vae.to(accelerator.device)
     ema = EMA(vae, args.ema_decay)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     if ckpt is not None:
         restore_model_and_ema(ckpt, ema, optimizer, state, accelerator.device)
     state.pop("optimizer", None)
     vae, optimizer = accelerator.prepare(vae, optimizer)
-    logger.info("training a %d-parameter VAE on %d px crops, batch %d, on %s",
-                sum(p.numel() for p in vae.parameters()), args.crop, args.batch_size, state["hardware"])
+    logger.info("training %d of a %d-parameter VAE's weights on %d px crops, batch %d, on %s",
+                sum(p.numel() for p in vae.parameters() if p.requires_grad), sum(p.numel() for p in vae.parameters()),
+                args.crop, args.batch_size, state["hardware"])
 
     def loss_fn(step: int, g: torch.Generator) -> torch.Tensor:
         images = source.batch(args.batch_size, g).to(accelerator.device)
@@ -159,20 +198,22 @@ def latent_scaling_factor(vae, images: torch.Tensor, batch_size: int = 32) -> fl
 
 
 def export_vae(run_dir: Path, out_dir: Path, source: CropSource, count: int = 256) -> Path:
-    """The EMA weights of the latest checkpoint as a diffusers folder, with the data's scaling factor."""
+    """The EMA weights of the latest checkpoint as a diffusers folder, with the data's scaling factor; a
+    decoder-only run keeps its source's, the scale of the latents a UNet learned."""
     from .io import atomic_dir
 
     state, weights = latest_ema(run_dir, "train-vae")
     vae = build_vae(state["args"]["vae_config"])
     vae.load_state_dict(weights)
     vae.eval()
-    g = torch.Generator().manual_seed(0)
-    scale = latent_scaling_factor(vae, torch.cat([source.batch(32, g) for _ in range(max(1, count // 32))]))
-    vae.register_to_config(scaling_factor=round(scale, 5))
+    if not state["args"].get("decoder_only"):
+        g = torch.Generator().manual_seed(0)
+        scale = latent_scaling_factor(vae, torch.cat([source.batch(32, g) for _ in range(max(1, count // 32))]))
+        vae.register_to_config(scaling_factor=round(scale, 5))
     with atomic_dir(out_dir) as tmp:
         vae.save_pretrained(tmp, safe_serialization=True)
         write_train_summary(tmp, state)
-    logger.info("exported VAE (scaling factor %.4f) to %s", scale, out_dir)
+    logger.info("exported VAE (scaling factor %.4f) to %s", vae.config.scaling_factor, out_dir)
     return out_dir
 
 
@@ -190,6 +231,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--edge-weight", type=float, default=1.0, help="L1 of image gradients: keeps outlines crisp")
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--vae-config", default=None, help="json overrides of the AutoencoderKL config (new runs)")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="new runs: start from this VAE (a `train-vae --export` folder), layout included")
+    parser.add_argument("--decoder-only", action="store_true",
+                        help="with --init-from: train only the decoder; encoder, latents and scaling factor stay")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--checkpoint-every", type=int, default=100)

@@ -97,6 +97,16 @@ def write_train_summary(folder: Path, state: dict) -> None:
     (folder / "train_state.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 
+def prior_training(folder: Path) -> dict:
+    """Where a run's starting weights came from and the steps and seconds they had been trained for (their
+    ``train_state.json``, earlier starts included), for ``state["init_from"]``."""
+    summary_file = folder / "train_state.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    previous = summary.get("init_from") or {}  # null: the source started from scratch
+    return {"path": str(folder), "steps": summary.get("train_steps", 0) + previous.get("steps", 0),
+            "seconds": summary.get("train_seconds", 0) + previous.get("seconds", 0)}
+
+
 def check_resume(state: Mapping, settings: Mapping, run_dir: Path, ignore: tuple[str, ...] = ()) -> None:
     """Refuse to resume a run under other settings, naming each one that differs."""
     saved = state.get("args", {})

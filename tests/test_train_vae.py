@@ -72,16 +72,16 @@ def test_check_resume_names_every_difference(tmp_path: Path) -> None:
         check_resume(state, {"lr": 2e-3, "batch_size": 4, "seed": 0}, tmp_path)
 
 
-def test_export_is_a_diffusers_folder_with_data_scaling(tmp_path: Path) -> None:
+def test_export_is_a_diffusers_folder_with_standardised_latents(tmp_path: Path) -> None:
     from diffusers import AutoencoderKL
 
     source = _source()
     train_vae.train(_args(tmp_path / "run", "--max-steps", "3", "--export", str(tmp_path / "vae")), source)
     vae = AutoencoderKL.from_pretrained(tmp_path / "vae")
     images = torch.cat([source.batch(4, torch.Generator().manual_seed(0)) for _ in range(8)])
-    expected = train_vae.latent_scaling_factor(vae, images)
-    assert vae.config.scaling_factor == pytest.approx(expected, rel=0.2)
-    assert vae.config.scaling_factor != 0.18215  # computed, not SD's constant
+    mean, std = train_vae.latent_statistics(vae, images)  # other crops than the export's: near, not exact
+    assert vae.config.scaling_factor == 1.0
+    assert mean.abs().max() < 0.3 and (std - 1).abs().max() < 0.3
     assert json.loads((tmp_path / "vae" / "train_state.json").read_text())["train_steps"] == 3
     assert prior_training(tmp_path / "vae") == {"path": str(tmp_path / "vae"), "steps": 3, "seconds": 0}
 
@@ -149,3 +149,21 @@ def test_decoder_only_refusals(tmp_path: Path) -> None:
                     source)
     with pytest.raises(ValueError, match="decoder_only: run has True, now False"):  # would move the encoder
         train_vae.train(_args(tmp_path / "b", "--max-steps", "4", "--init-from", src, new_vae=False), source)
+
+
+def test_standardized_latents_have_zero_mean_unit_std_and_decode_the_same() -> None:
+    """Folding per-channel latent statistics into quant_conv/post_quant_conv changes the latents, not the images."""
+    torch.manual_seed(0)
+    vae = train_vae.build_vae(TINY).eval()
+    images = torch.rand(6, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        raw = vae.encode(images).latent_dist.mode()
+        before = vae.decode(raw).sample
+        mean, std = raw.mean((0, 2, 3)), raw.std((0, 2, 3))
+        train_vae.standardize_latents(vae, mean, std)
+        latents = vae.encode(images).latent_dist.mode()
+        after = vae.decode(latents).sample  # scaling_factor is now 1: pipelines decode latents as they are
+    assert vae.config.scaling_factor == 1.0
+    torch.testing.assert_close(latents.mean((0, 2, 3)), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(latents.std((0, 2, 3)), torch.ones(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)

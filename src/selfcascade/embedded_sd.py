@@ -70,24 +70,6 @@ SD_SCHEDULE: dict = {
 }
 
 
-@torch.no_grad()
-def standardize_latents(vae, mean: torch.Tensor, std: torch.Tensor) -> None:
-    """Fold a per-channel affine into the VAE so its latents have zero mean and unit std per channel, with
-    ``scaling_factor`` 1: the encoder's ``quant_conv`` maps its posterior means to ``(mean_raw - mean) / std`` and
-    the decoder's ``post_quant_conv`` undoes it, so reconstructions are unchanged. ``mean``/``std`` are the
-    statistics of the raw posterior means ``[C]``. A stock SD pipeline applies only ``scaling_factor``, no shift,
-    and a diffusion model started from zero-mean noise draws the wrong colours for long when the latents sit far
-    from zero (v3's first run: channel means -1.45 to 0.26)."""
-    channels = vae.config.latent_channels
-    q, p = vae.quant_conv, vae.post_quant_conv
-    q.weight[:channels] /= std.view(-1, 1, 1, 1)
-    q.bias[:channels] = (q.bias[:channels] - mean) / std
-    q.bias[channels:] -= 2 * torch.log(std)  # log-variance of the standardised posterior
-    p.bias += p.weight[:, :, 0, 0] @ mean
-    p.weight *= std.view(1, -1, 1, 1)
-    vae.register_to_config(scaling_factor=1.0)
-
-
 def build_sd_unet(config: dict | None = None):
     from diffusers import UNet2DConditionModel
 

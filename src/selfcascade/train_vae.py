@@ -191,15 +191,34 @@ def train(args: argparse.Namespace, source: CropSource | None = None) -> dict:
 
 
 @torch.no_grad()
-def latent_scaling_factor(vae, images: torch.Tensor, batch_size: int = 32) -> float:
-    """1 / std of the posterior means of ``images`` (in [-1, 1]), SD's recipe for ``scaling_factor``."""
-    means = [vae.encode(images[i:i + batch_size]).latent_dist.mean for i in range(0, len(images), batch_size)]
-    return float(1.0 / torch.cat(means).std())
+@torch.no_grad()
+def latent_statistics(vae, images: torch.Tensor, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of the posterior means of ``images`` (in [-1, 1])."""
+    means = torch.cat([vae.encode(images[i:i + batch_size]).latent_dist.mean for i in range(0, len(images), batch_size)])
+    return means.mean((0, 2, 3)), means.std((0, 2, 3))
+
+
+@torch.no_grad()
+def standardize_latents(vae, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Fold a per-channel affine into the VAE so its latents have zero mean and unit std per channel, with
+    ``scaling_factor`` 1: the encoder's ``quant_conv`` maps its posterior means to ``(mean_raw - mean) / std`` and
+    the decoder's ``post_quant_conv`` undoes it, so reconstructions are unchanged. ``mean``/``std`` are the
+    statistics of the raw posterior means ``[C]``. A stock SD pipeline applies only ``scaling_factor``, no shift,
+    and a diffusion model started from zero-mean noise draws the wrong colours for long when the latents sit far
+    from zero (v3's first run: channel means -1.45 to 0.26)."""
+    channels = vae.config.latent_channels
+    q, p = vae.quant_conv, vae.post_quant_conv
+    q.weight[:channels] /= std.view(-1, 1, 1, 1)
+    q.bias[:channels] = (q.bias[:channels] - mean) / std
+    q.bias[channels:] -= 2 * torch.log(std)  # log-variance of the standardised posterior
+    p.bias += p.weight[:, :, 0, 0] @ mean
+    p.weight *= std.view(1, -1, 1, 1)
+    vae.register_to_config(scaling_factor=1.0)
 
 
 def export_vae(run_dir: Path, out_dir: Path, source: CropSource, count: int = 256) -> Path:
-    """The EMA weights of the latest checkpoint as a diffusers folder, with the data's scaling factor; a
-    decoder-only run keeps its source's, the scale of the latents a UNet learned."""
+    """The EMA weights of the latest checkpoint as a diffusers folder, its latents standardised on the data
+    (``standardize_latents``); a decoder-only run keeps its source's latents, the ones a UNet learned."""
     from .io import atomic_dir
 
     state, weights = latest_ema(run_dir, "train-vae")
@@ -208,12 +227,11 @@ def export_vae(run_dir: Path, out_dir: Path, source: CropSource, count: int = 25
     vae.eval()
     if not state["args"].get("decoder_only"):
         g = torch.Generator().manual_seed(0)
-        scale = latent_scaling_factor(vae, torch.cat([source.batch(32, g) for _ in range(max(1, count // 32))]))
-        vae.register_to_config(scaling_factor=round(scale, 5))
+        standardize_latents(vae, *latent_statistics(vae, torch.cat([source.batch(32, g) for _ in range(max(1, count // 32))])))
     with atomic_dir(out_dir) as tmp:
         vae.save_pretrained(tmp, safe_serialization=True)
         write_train_summary(tmp, state)
-    logger.info("exported VAE (scaling factor %.4f) to %s", vae.config.scaling_factor, out_dir)
+    logger.info("exported VAE to %s", out_dir)
     return out_dir
 
 

@@ -66,9 +66,9 @@ def test_inflated_unet_computes_the_image_unet_frame_by_frame(scale_conditioned:
     torch.testing.assert_close(video, frames.unflatten(0, (2, 3)).transpose(1, 2), atol=1e-5, rtol=1e-4)
 
 
-def test_video_config_needs_one_head_split() -> None:
+def test_video_config_keeps_the_head_split() -> None:
     assert video_config({**train_base.DEFAULT_UNET, "layers_per_block": 1})["attention_head_dim"] == 4  # 128 / 32 heads
-    with pytest.raises(ValueError, match="one head count"):
+    with pytest.raises(ValueError, match="must divide their channels"):
         video_config({**train_base.DEFAULT_UNET, "attention_head_dim": 48})
 
 

@@ -145,6 +145,7 @@ PLUGIN_COMMANDS: dict[str, tuple[str, str]] = {
     "train-vae": ("selfcascade.train_vae", "train the embedded model's VAE (resumable)"),
     "train-sd": ("selfcascade.train_sd", "train the v3 embedded model's UNet (tiny SD, resumable)"),
     "export-embedded": ("selfcascade.train_sd", "write the embedded model as a stock Stable Diffusion folder"),
+    "train-sd-video": ("selfcascade.train_sd_video", "train the v3 model's video sibling (inflated UNet3D, resumable)"),
     "train-upsamplers": ("selfcascade.train_upsamplers", "tune a feature-upsampler bank (the tuned self-cascade)"),
     "finetune": ("selfcascade.baselines.finetune", "fine-tune the UNet at the target size (full or LoRA baselines)"),
     "evaluate": ("selfcascade.evaluate", "FID/KID (full, patch, base) and SWD of modes vs real renders"),

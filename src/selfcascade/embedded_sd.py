@@ -129,15 +129,20 @@ def load_embedded_pipeline(folder: Path | str | None = None, max_length: int = D
 
 def save_sd_folder(folder: Path | str, unet, vae, max_length: int = DEFAULT_MAX_LENGTH, scheduler=None,
                    train_state: dict | None = None, sampling: dict | None = None, banks: Path | None = None) -> Path:
-    """Write a stock ``StableDiffusionPipeline`` folder (no safety checker, no feature extractor), atomically;
-    ``train_state`` (a training run's checkpoint state) adds its ``train_state.json``, ``sampling`` the
-    ``selfcascade.json`` of sampling defaults, ``banks`` a copy of a folder of upsampler banks."""
-    from diffusers import StableDiffusionPipeline
+    """Write a stock ``StableDiffusionPipeline`` folder (no safety checker, no feature extractor), or for a
+    ``UNet3DConditionModel`` (the video sibling) a ``TextToVideoSDPipeline`` one, atomically; ``train_state`` (a
+    training run's checkpoint state) adds its ``train_state.json``, ``sampling`` the ``selfcascade.json`` of
+    sampling defaults, ``banks`` a copy of a folder of upsampler banks."""
+    from diffusers import StableDiffusionPipeline, TextToVideoSDPipeline, UNet3DConditionModel
 
     tokenizer, text_encoder = load_text_components(max_length)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler or build_sd_scheduler(), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    parts = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet,
+             "scheduler": scheduler or build_sd_scheduler()}
+    if isinstance(unet, UNet3DConditionModel):
+        pipe = TextToVideoSDPipeline(**parts)
+    else:
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     with atomic_dir(folder) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         if train_state is not None:
@@ -146,5 +151,5 @@ def save_sd_folder(folder: Path | str, unet, vae, max_length: int = DEFAULT_MAX_
             (tmp / MODEL_SETTINGS_FILE).write_text(json.dumps(sampling, indent=1) + "\n")
         if banks is not None and banks.is_dir():
             shutil.copytree(banks, tmp / BANKS_DIR)
-    logger.info("wrote a StableDiffusionPipeline folder to %s", folder)
+    logger.info("wrote a %s folder to %s", type(pipe).__name__, folder)
     return Path(folder)

@@ -38,6 +38,7 @@ from selfcascade.data.emoji import STYLES
 from selfcascade.text_encoder import DEFAULT_MAX_LENGTH, ENCODER_NAME, HIDDEN_SIZE
 from selfcascade.training import (EMA, LoopConfig, check_resume, hardware, latest_ema, model_and_ema_writer,
                                   restore_model_and_ema, train_loop)
+from selfcascade.unet_inflation import inflate_weights, video_config
 
 logger = logging.getLogger(__name__)
 
@@ -83,59 +84,18 @@ def unet_config(unet: torch.nn.Module) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in unet.config.items() if not k.startswith("_")}
 
 
-def video_config(config: dict) -> dict:
-    """The UNet3DConditionModel config that holds the weights of a UNet2DConditionModel ``config`` unchanged.
-
-    diffusers' 3D blocks read ``attention_head_dim`` as the width of a head where the 2D ones read it as
-    the number of heads, so the value is converted to keep every attention layer's head split.
-    """
-    out_channels = {c for c, kind in zip(config["block_out_channels"], config["down_block_types"]) if "CrossAttn" in kind}
-    out_channels.add(config["block_out_channels"][-1])  # the mid block
-    heads = config.get("num_attention_heads") or config["attention_head_dim"]
-    if not isinstance(heads, int) or len(out_channels) != 1 or next(iter(out_channels)) % heads:
-        raise ValueError("inflating to 3D needs one head count for every attention level whose width it divides, "
-                         f"got heads {heads} at widths {sorted(out_channels)}.")
-    return {
-        "sample_size": config["sample_size"], "in_channels": config["in_channels"],
-        "out_channels": config["out_channels"],
-        "down_block_types": [kind.replace("2D", "3D") for kind in config["down_block_types"]],
-        "up_block_types": [kind.replace("2D", "3D") for kind in config["up_block_types"]],
-        "block_out_channels": list(config["block_out_channels"]), "layers_per_block": config["layers_per_block"],
-        "cross_attention_dim": config["cross_attention_dim"], "norm_num_groups": config["norm_num_groups"],
-        "attention_head_dim": next(iter(out_channels)) // heads,
-    }
-
-
 def inflate_unet(unet2d: torch.nn.Module) -> torch.nn.Module:
-    """A UNet3DConditionModel that computes exactly what ``unet2d`` computes, frame by frame.
-
-    Spatial weights are copied (1x1 attention projections become the linear ones of the 3D blocks);
-    temporal convolutions start as identities (diffusers zero-initialises their last layer) and so do
-    temporal attentions once their output projections are zeroed here.
-    """
-    from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
-
-    config = unet_config(unet2d)
-    unet3d = build_unet(video_config(config), video=True)
-    own = unet3d.state_dict()
-    weights = {k: v.reshape(own[k].shape) if k in own else v for k, v in unet2d.state_dict().items()}
-    if is_scale_conditioned(unet2d):  # frames are base-size content: fold the zoom-1 label into the time bias
+    """The image UNet inflated to a UNet3DConditionModel (``unet_inflation``); a scale-conditioned one at zoom 1,
+    its label folded into the time embedding's bias, since clip frames are base-size content."""
+    weights, config = unet2d.state_dict(), dict(unet2d.config)
+    if is_scale_conditioned(unet2d):
         with torch.no_grad():
             label = torch.full((1,), zoom_label(1.0))
             weights["time_embedding.linear_2.bias"] = (weights["time_embedding.linear_2.bias"]
                                                        + unet2d.get_class_embed(label, label)[0])
         weights = {k: v for k, v in weights.items() if not k.startswith("class_embedding.")}
-    result = unet3d.load_state_dict(weights, strict=False)
-    not_temporal = [k for k in result.missing_keys if not k.startswith("transformer_in.")
-                    and ".temp_convs." not in k and ".temp_attentions." not in k]
-    if result.unexpected_keys or not_temporal:
-        raise ValueError(f"cannot inflate this UNet: weights {result.unexpected_keys[:3]} have no 3D counterpart and "
-                         f"{not_temporal[:3]} no 2D source.")
-    for module in unet3d.modules():
-        if isinstance(module, TransformerTemporalModel):
-            torch.nn.init.zeros_(module.proj_out.weight)
-            torch.nn.init.zeros_(module.proj_out.bias)
-    return unet3d
+        config["class_embed_type"] = None
+    return inflate_weights(config, weights)
 
 
 def build_scheduler():

@@ -103,14 +103,15 @@ def zoom_windows(cache_dir: Path, records: list[dict], factors: Sequence[int], c
 
 def diffusion_loss(unet, scheduler, latents: torch.Tensor, context: torch.Tensor, generator: torch.Generator,
                    min_snr_gamma: float = 0.0) -> torch.Tensor:
-    """MSE to the scheduler's target (epsilon or v) at uniform timesteps, min-SNR weighted when gamma > 0."""
+    """MSE to the scheduler's target (epsilon or v) at uniform timesteps, min-SNR weighted when gamma > 0; latents
+    [B, C, h, w], or clips [B, C, F, h, w] for a UNet3DConditionModel (one timestep per clip)."""
     noise = torch.randn(latents.shape, generator=generator).to(latents.device)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator).to(latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
     v_pred = scheduler.config.prediction_type == "v_prediction"
     target = scheduler.get_velocity(latents, noise, t) if v_pred else noise
     pred = unet(noisy, t, encoder_hidden_states=context).sample
-    per_item = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    per_item = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
     if min_snr_gamma > 0:
         snr = (scheduler.alphas_cumprod.to(t.device)[t] / (1 - scheduler.alphas_cumprod.to(t.device)[t]))
         weight = torch.clamp(snr, max=min_snr_gamma) / (snr + 1 if v_pred else snr)
@@ -129,6 +130,13 @@ def sample_batch(data: LatentData, batch_size: int, zoom_prob: float,
         latents = torch.where(zoom[:, None, None, None], data.zoom_latents[zidx], latents)
         context = torch.where(zoom[:, None, None], data.zoom_context[zidx], context)
     return latents, context
+
+
+def drop_captions(context: torch.Tensor, uncond: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
+    """Caption states [B, L, D] with each item's replaced by the empty prompt's ``uncond`` [L, D] with probability
+    ``p``: the unconditional branch classifier-free guidance needs."""
+    drop = torch.rand(len(context), generator=g) < p
+    return torch.where(drop[:, None, None], uncond.to(context.dtype).expand(len(context), -1, -1), context)
 
 
 def _settings(args: argparse.Namespace, unet_config: dict) -> dict:
@@ -211,8 +219,7 @@ def train(args: argparse.Namespace, data: LatentData | None = None) -> dict:
 
     def loss_fn(step: int, g: torch.Generator) -> torch.Tensor:
         latents, context = sample_batch(data, args.batch_size, args.zoom_prob, g)
-        drop = torch.rand(args.batch_size, generator=g) < args.caption_dropout
-        context = torch.where(drop[:, None, None], data.uncond.half().expand(args.batch_size, -1, -1), context)
+        context = drop_captions(context, data.uncond, args.caption_dropout, g)
         return diffusion_loss(unet, scheduler, latents.float().to(device), context.float().to(device), g,
                               args.min_snr_gamma)
 

@@ -31,7 +31,7 @@ from .embedded_sd import (BASE_SIZE, DEFAULT_SAMPLING, SD15_UNET, ZOOM_CUE, buil
 from .io import atomic_dir, atomic_path
 from .text_encoder import DEFAULT_MAX_LENGTH
 from .training import (EMA, LoopConfig, check_resume, hardware, latest_ema, model_and_ema_writer,
-                       restore_model_and_ema, train_loop, write_train_summary)
+                       prior_training, restore_model_and_ema, train_loop, write_train_summary)
 
 logger = logging.getLogger(__name__)
 
@@ -249,11 +249,7 @@ def warm_start(unet: torch.nn.Module, folder: Path) -> dict:
         raise ValueError(f"{unet_dir} has another UNet layout ({', '.join(differ)} differ); pass its config with "
                          "--unet-config or start without --init-from.")
     unet.load_state_dict(source.state_dict())
-    summary_file = folder / "train_state.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    previous = summary.get("init_from", {})
-    return {"path": str(folder), "steps": summary.get("train_steps", 0) + previous.get("steps", 0),
-            "seconds": summary.get("train_seconds", 0) + previous.get("seconds", 0)}
+    return prior_training(folder)
 
 
 def run_sampling(settings: dict) -> dict:

@@ -177,3 +177,13 @@ def run_module(prog: str, doc: str, add_arguments: AddArguments, run: Run, argv:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run(args)
+
+
+def train_or_export(args: argparse.Namespace, train: Run, export: Callable[[Path, Path], Path]) -> None:
+    """A trainer's entry point: ``--export-only`` exports the run's latest checkpoint and exits, else train."""
+    if not args.export_only:
+        train(args)
+        return
+    if args.export is None:
+        raise SystemExit("--export-only needs --export DIR")
+    logging.getLogger(__name__).info("exported to %s", export(args.run_dir, args.export))

@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 
 from selfcascade.backbones.embedded import SCALE_CONDITIONING, is_scale_conditioned, zoom_label
 from selfcascade.checkpoints import find_checkpoint, read_checkpoint_state
-from selfcascade.commands import add_command, run_module
+from selfcascade.commands import add_command, run_module, train_or_export
 from selfcascade.data.emoji import STYLES
 from selfcascade.text_encoder import DEFAULT_MAX_LENGTH, ENCODER_NAME, HIDDEN_SIZE
 from selfcascade.training import (EMA, LoopConfig, check_resume, hardware, latest_ema, model_and_ema_writer,
@@ -393,12 +393,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.export_only:
-        if args.export is None:
-            raise SystemExit("--export-only needs --export DIR")
-        logger.info("exported to %s", export_checkpoint(args.run_dir, args.export))
-        return
-    train(args)
+    train_or_export(args, train, export_checkpoint)
 
 
 def register_cli(subparsers: "argparse._SubParsersAction") -> None:

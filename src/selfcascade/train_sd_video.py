@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .backbones.base import MODEL_SETTINGS_FILE
 from .checkpoints import find_checkpoint, read_checkpoint_state
-from .commands import add_command, run_module
+from .commands import add_command, run_module, train_or_export
 from .embedded_sd import BASE_SIZE, DEFAULT_SAMPLING, build_sd_scheduler, save_sd_folder
 from .io import atomic_path
 from .text_encoder import DEFAULT_MAX_LENGTH
@@ -195,12 +195,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.export_only:
-        if args.export is None:
-            raise SystemExit("--export-only needs --export DIR")
-        logger.info("exported to %s", export_run(args.run_dir, args.export))
-        return
-    train(args)
+    train_or_export(args, train, export_run)
 
 
 def register_cli(subparsers: "argparse._SubParsersAction") -> None:

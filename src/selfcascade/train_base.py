@@ -36,8 +36,8 @@ from selfcascade.checkpoints import find_checkpoint, read_checkpoint_state
 from selfcascade.commands import add_command, run_module, train_or_export
 from selfcascade.data.emoji import STYLES
 from selfcascade.text_encoder import DEFAULT_MAX_LENGTH, ENCODER_NAME, HIDDEN_SIZE
-from selfcascade.training import (EMA, LoopConfig, check_resume, hardware, latest_ema, model_and_ema_writer,
-                                  restore_model_and_ema, train_loop)
+from selfcascade.training import (LoopConfig, check_resume, hardware, latest_ema, model_and_ema_writer,
+                                  prepare_training, train_loop)
 from selfcascade.unet_inflation import inflate_weights, video_config
 
 logger = logging.getLogger(__name__)
@@ -273,13 +273,7 @@ def train(args: argparse.Namespace, dataset=None) -> dict:
     state["hardware"] = hardware(accelerator)
     state["num_frames"] = args.frames
 
-    unet.to(device)
-    ema = EMA(unet, args.ema_decay)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    if ckpt is not None:
-        restore_model_and_ema(ckpt, ema, optimizer, state, device)
-    state.pop("optimizer", None)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    unet, optimizer, ema = prepare_training(accelerator, unet, args.lr, args.ema_decay, ckpt, state, args.weight_decay)
     scheduler = build_scheduler()
     uncond_hidden, uncond_mask = dataset.uncond()
     n = len(dataset)

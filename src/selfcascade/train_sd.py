@@ -30,8 +30,8 @@ from .embedded_sd import (BASE_SIZE, DEFAULT_SAMPLING, SD15_UNET, ZOOM_CUE, buil
                           build_sd_unet, encode_prompts, load_embedded_pipeline, load_text_components, save_sd_folder)
 from .io import atomic_dir, atomic_path
 from .text_encoder import DEFAULT_MAX_LENGTH
-from .training import (EMA, LoopConfig, check_resume, hardware, latest_ema, model_and_ema_writer,
-                       prior_training, restore_model_and_ema, train_loop, write_train_summary)
+from .training import (LoopConfig, check_resume, hardware, latest_ema, model_and_ema_writer, prepare_training,
+                       prior_training, train_loop, write_train_summary)
 
 logger = logging.getLogger(__name__)
 
@@ -206,13 +206,7 @@ def train(args: argparse.Namespace, data: LatentData | None = None) -> dict:
             logger.warning("--init-from %s ignored: %s resumes from its checkpoint", args.init_from, run_dir)
     elif args.init_from is not None:
         state["init_from"] = warm_start(unet, args.init_from)
-    unet.to(device)
-    ema = EMA(unet, args.ema_decay)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
-    if ckpt is not None:
-        restore_model_and_ema(ckpt, ema, optimizer, state, device)
-    state.pop("optimizer", None)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    unet, optimizer, ema = prepare_training(accelerator, unet, args.lr, args.ema_decay, ckpt, state)
     scheduler = build_sd_scheduler(args.prediction_type)
     logger.info("training a %d-parameter SD UNet on %d latents, batch %d, on %s",
                 sum(p.numel() for p in unet.parameters()), len(data), args.batch_size, state["hardware"])

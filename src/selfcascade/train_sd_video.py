@@ -28,8 +28,8 @@ from .embedded_sd import BASE_SIZE, DEFAULT_SAMPLING, build_sd_scheduler, save_s
 from .io import atomic_path
 from .text_encoder import DEFAULT_MAX_LENGTH
 from .train_sd import LatentData, diffusion_loss, drop_captions, encode_captions, encode_images, sample_batch
-from .training import (EMA, LoopConfig, check_resume, hardware, latest_ema, model_and_ema_writer, prior_training,
-                       restore_model_and_ema, train_loop)
+from .training import (LoopConfig, check_resume, hardware, latest_ema, model_and_ema_writer, prepare_training,
+                       prior_training, train_loop)
 from .unet_inflation import inflate_unet
 
 logger = logging.getLogger(__name__)
@@ -120,13 +120,7 @@ def train(args: argparse.Namespace, data: LatentData | None = None) -> dict:
     state["args"], state["hardware"] = settings, hardware(accelerator)
     if data is None:
         data = _default_data(args, AutoencoderKL.from_pretrained(init_dir / "vae").to(device).eval())
-    unet.to(device)
-    ema = EMA(unet, args.ema_decay)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
-    if ckpt is not None:
-        restore_model_and_ema(ckpt, ema, optimizer, state, device)
-    state.pop("optimizer", None)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    unet, optimizer, ema = prepare_training(accelerator, unet, args.lr, args.ema_decay, ckpt, state)
     scheduler = build_sd_scheduler(state["prediction_type"])
     logger.info("training a %d-parameter UNet3D on %d clips of %d frames, batch %d, on %s",
                 sum(p.numel() for p in unet.parameters()), len(data), data.latents.shape[2], args.batch_size,

@@ -29,8 +29,8 @@ from safetensors.torch import load_file
 
 from .checkpoints import find_checkpoint, read_checkpoint_state
 from .commands import add_command, run_module
-from .training import (EMA, LoopConfig, check_resume, hardware, latest_ema, model_and_ema_writer, prior_training,
-                       restore_model_and_ema, train_loop, write_train_summary)
+from .training import (LoopConfig, check_resume, hardware, latest_ema, model_and_ema_writer, prepare_training,
+                       prior_training, train_loop, write_train_summary)
 
 logger = logging.getLogger(__name__)
 
@@ -167,13 +167,7 @@ def train(args: argparse.Namespace, source: CropSource | None = None) -> dict:
     if args.decoder_only:
         freeze_encoder(vae)
     source = source or _default_source(args)
-    vae.to(accelerator.device)
-    ema = EMA(vae, args.ema_decay)
-    optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    if ckpt is not None:
-        restore_model_and_ema(ckpt, ema, optimizer, state, accelerator.device)
-    state.pop("optimizer", None)
-    vae, optimizer = accelerator.prepare(vae, optimizer)
+    vae, optimizer, ema = prepare_training(accelerator, vae, args.lr, args.ema_decay, ckpt, state)
     logger.info("training %d of a %d-parameter VAE's weights on %d px crops, batch %d, on %s",
                 sum(p.numel() for p in vae.parameters() if p.requires_grad), sum(p.numel() for p in vae.parameters()),
                 args.crop, args.batch_size, state["hardware"])

@@ -80,6 +80,20 @@ def restore_model_and_ema(ckpt: Path, ema: EMA, optimizer: torch.optim.Optimizer
     load_optimizer(optimizer, ckpt, state)
 
 
+def prepare_training(accelerator, model: torch.nn.Module, lr: float, ema_decay: float, ckpt: Path | None,
+                     state: dict, weight_decay: float = 0.0) -> tuple[torch.nn.Module, torch.optim.Optimizer, EMA]:
+    """The model on the device with its EMA and an AdamW over its trainable weights, both restored from ``ckpt``
+    when resuming, model and optimizer handed to accelerate: what every trainer does before ``train_loop``."""
+    model.to(accelerator.device)
+    ema = EMA(model, ema_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    if ckpt is not None:
+        restore_model_and_ema(ckpt, ema, optimizer, state, accelerator.device)
+    state.pop("optimizer", None)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return model, optimizer, ema
+
+
 def latest_ema(run_dir: Path, command: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """(state, EMA weights) of a run's latest checkpoint, for export; ``command`` names the trainer to run first."""
     ckpt = find_checkpoint(run_dir)

@@ -166,3 +166,26 @@ def test_init_from_continues_shipped_weights_and_counts_their_steps(tmp_path: Pa
     with pytest.raises(ValueError, match="another UNet layout"):
         train_sd.train(_args(tmp_path / "third", vae_dir, "--max-steps", "0", "--init-from", str(shipped),
                              "--unet-config", json.dumps({**TINY_UNET, "block_out_channels": [16, 16, 16, 32]})), data)
+
+
+def test_v3_model_card_records_the_run_and_the_shipped_banks(tmp_path: Path, vae_dir: Path, data) -> None:
+    import shutil
+
+    from selfcascade import embedded_sd
+    from selfcascade.model_card import SAMPLES_PNG, SAMPLES_TRAIN_PNG, write_model_card
+    from selfcascade.train_upsamplers import save_bank
+    from selfcascade.upsamplers import UpsamplerBank
+
+    run = tmp_path / "run"
+    train_sd.train(_args(run, vae_dir, "--max-steps", "2"), data)
+    shipped = tmp_path / "shipped"
+    shutil.copytree(vae_dir, shipped / "vae")
+    train_sd.ship_run(run, shipped)
+    bank = UpsamplerBank.for_unet(embedded_sd.build_sd_unet(TINY_UNET), scale=4.0, train_size=[64, 64],
+                                  tuned_from="banks/bank-32")
+    save_bank(bank, shipped / "banks" / "bank-64", step=7)
+    text = write_model_card(shipped, captions=["red apple, fruit, noto style"], steps=1).read_text()
+    params = sum(p.numel() for p in bank.parameters())
+    assert f"`banks/bank-64`: 32 -> 64 px, 7 steps, tuned on from `bank-32`, {params:,} parameters, K 700" in text
+    assert "2 steps at batch 4" in text
+    assert (shipped / SAMPLES_PNG).is_file() and (shipped / SAMPLES_TRAIN_PNG).is_file()

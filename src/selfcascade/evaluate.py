@@ -1,6 +1,6 @@
 """Score generation modes against real images at higher resolutions: the paper's Tables 1-2 (section 5.2).
 
-    selfcascade evaluate --modes direct tuning-free --sizes 64 128 --num-images 64 --steps 50
+    selfcascade evaluate --modes direct tuning-free --sizes 256 512 --num-images 64 --steps 50
 
 For each target size and mode, one image per caption for ``--num-images`` captions of the emoji eval
 split (concepts the embedded model never saw; seeded choice, image i gets seed ``--seed`` + i), then:
@@ -305,7 +305,7 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
 
         if args.base_samples is None:
             base_folder = generated("direct", base)[0]
-        for size in args.sizes:
+        for size in args.sizes or (2 * base, 4 * base):
             for mode in args.modes:
                 folders[(size, mode)], timings[(size, mode)] = generated(mode, size)
     if not is_main_process():
@@ -374,7 +374,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_model_args(parser)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["direct", "tuning-free"])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="square target sides in pixels")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None,
+                        help="square target sides in pixels (default: 2x and 4x the base side, 4x and 16x its pixels)")
     parser.add_argument("--num-images", type=int, default=64, help="captions, one generated image each")
     parser.add_argument("--prompts", default=None, metavar="FILE",
                         help="captions to generate from: the first --num-images lines of FILE, one per line (default: "

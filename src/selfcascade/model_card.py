@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,12 +54,9 @@ SAMPLES_GIF = "samples.gif"
 def sample_grid(model_dir: Path, captions: Sequence[str] = HELD_OUT_CAPTIONS, seeds: Sequence[int] = (0, 1, 2, 3),
                 steps: int = 50, guidance_scale: float | None = None, cell: int = 64):
     """One row per caption, one column per seed, at the model's base size; a video model gives a list of frames."""
-    from . import embedded_sd
-    from .pipeline import EMBEDDED_NAME, SelfCascadePipeline
+    from .pipeline import SelfCascadePipeline
 
-    shipped_v3 = Path(model_dir).resolve() == embedded_sd.SHIPPED_DIR.resolve()
-    cascade = SelfCascadePipeline.from_pretrained(EMBEDDED_NAME if shipped_v3 else model_dir, device="cpu",
-                                                  dtype=torch.float32)
+    cascade = SelfCascadePipeline.from_pretrained(model_dir, device="cpu", dtype=torch.float32)
     size = cascade.backbone.base_size
     video = cascade.backbone.is_video
     rows = []
@@ -132,7 +130,25 @@ def card_text(info: dict, captions: Sequence[str], steps: int = 50) -> str:
     return "\n".join(lines)
 
 
-def sd_card_text(state: dict, sampling: dict, parameters: int, steps: int = 50) -> str:
+def bank_rows(model_dir: Path) -> list[str]:
+    """One line per bank shipped beside the model: the stage it was tuned for, its steps and size."""
+    from safetensors import safe_open
+
+    from .backbones.base import BANKS_DIR
+
+    rows = []
+    for config_file in sorted((model_dir / BANKS_DIR).glob("*/config.json")):
+        config = json.loads(config_file.read_text())
+        with safe_open(config_file.parent / "diffusion_pytorch_model.safetensors", "pt") as weights:
+            parameters = sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())
+        side = config["train_size"][0]
+        start = f", tuned on from `{Path(config['tuned_from']).name}`" if config.get("tuned_from") else ""
+        rows.append(f"`{BANKS_DIR}/{config_file.parent.name}`: {round(side / config['scale'] ** 0.5)} -> {side} px, "
+                    f"{config['train_steps']:,} steps{start}, {parameters:,} parameters, K {config['K']}")
+    return rows
+
+
+def sd_card_text(state: dict, sampling: dict, parameters: int, steps: int = 50, banks: Sequence[str] = ()) -> str:
     """The v3 card: a tiny Stable Diffusion; numbers from the run's ``train_state.json``."""
     unet, previous = state["unet_config"], state.get("init_from", {})
     zoom = (f"; {state['zoom_prob']:.0%} of each batch are 128 px windows of the "
@@ -166,7 +182,10 @@ def sd_card_text(state: dict, sampling: dict, parameters: int, steps: int = 50) 
         f"| wall time | {(state['train_seconds'] + previous.get('seconds', 0)) / 3600:.1f} h of training in all, the last "
         f"{state['train_seconds'] / 3600:.1f} h on {state.get('hardware', 'unrecorded hardware')} |",
         f"| sampling defaults | K {sampling.get('K', 700)}, {guidance} (`selfcascade.json`) |",
+        *([f"| banks (tuned mode) | {'; '.join(banks)}; the base model frozen, train split only |"] if banks else []),
         "| licence | code Apache-2.0; weights inherit the artwork licences (CC BY-SA 4.0, CC BY 4.0, Apache-2.0, MIT) |",
+        "", "Measured (prompt adherence and FID at the base size, the scale cue, the cascade at 4x to 64x pixels, with "
+        "the commands that reproduce them): `benchmarks/results/v3/` in the selfcascade repository.",
         "", f"![train-split captions]({SAMPLES_TRAIN_PNG})", "",
         f"`{SAMPLES_TRAIN_PNG}`: train-split captions (concepts trained on, new seeds 0-3); `{SAMPLES_PNG}` below: "
         f"held-out captions (concepts in the eval split, never trained on). Base size, {steps} DDIM steps, default "
@@ -191,7 +210,7 @@ def write_model_card(model_dir: str | os.PathLike, captions: Sequence[str] = HEL
         save_png(sample_grid(model_dir, captions, steps=steps, cell=128), model_dir / SAMPLES_PNG)
         readme = model_dir / "README.md"
         with atomic_path(readme) as tmp:
-            tmp.write_text(sd_card_text(state, sampling, parameters, steps))
+            tmp.write_text(sd_card_text(state, sampling, parameters, steps, bank_rows(model_dir)))
         return readme
     info_path = model_dir / "selfcascade_model.json"
     if not info_path.is_file():

@@ -162,17 +162,21 @@ class SelfCascadePipeline:
     ) -> "SelfCascadePipeline":
         """Load a hub id, a local diffusers folder, a single-file checkpoint (``.safetensors``/``.ckpt``, with
         ``config=`` a diffusers folder of its architecture to stay offline), or a shipped model ("embedded",
-        "embedded-video"). ``kwargs`` (e.g. ``vae=``) go to diffusers' loader.
+        "embedded-video", or a folder of the v3 package layout that ``train-sd --ship`` writes). ``kwargs`` (e.g.
+        ``vae=``) go to diffusers' loader.
 
         Hub ids go through diffusers' own ``DiffusionPipeline.from_pretrained`` (and its cache).
         """
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         path = Path(name_or_path)
-        if str(name_or_path) == EMBEDDED_NAME and embedded_sd.is_shipped():
-            pipe = embedded_sd.load_embedded_pipeline().to(device, dtype)
+        v3_folder = embedded_sd.SHIPPED_DIR if str(name_or_path) == EMBEDDED_NAME else path
+        if embedded_sd.is_shipped(v3_folder) and not (v3_folder / "model_index.json").is_file():
+            # the package's v3 parts (or a copy of that layout, e.g. a folder `train-sd --ship` wrote)
+            pipe = embedded_sd.load_embedded_pipeline(v3_folder).to(device, dtype)
             cascade = cls.from_pipe(pipe, scheduler=scheduler)
-            cascade.backbone.name = EMBEDDED_NAME
+            if v3_folder is embedded_sd.SHIPPED_DIR:
+                cascade.backbone.name = EMBEDDED_NAME
             return cascade
         if str(name_or_path) in EMBEDDED_NAMES or (path / "selfcascade_model.json").is_file():
             from .backbones.embedded import EmbeddedBackbone

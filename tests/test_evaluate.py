@@ -14,12 +14,14 @@ from PIL import Image
 
 from selfcascade import SelfCascadePipeline
 from selfcascade.cli import main
-from selfcascade.evaluate import COLUMNS, GenerationSpec, choose_records, generate_set
+from selfcascade import evaluate as evaluate_module
+from selfcascade.evaluate import COLUMNS, GenerationSpec, choose_records, fill_set, generate_set
 from selfcascade.metrics import EmojiFeatures, FeatureExtractorUnavailable, load_features
 from selfcascade.metrics import features as features_module
 from selfcascade.metrics.emoji_features import (DEFAULT_DIR, EmojiFeatureNet, caption_style, load_feature_net,
                                                 save_feature_net)
 from selfcascade.metrics.images import resize_images
+from selfcascade.metrics.objects import count_objects, fill_holes, label_components
 from selfcascade.metrics.train_features import augment, split_holdout
 from selfcascade.testing import make_tiny_sd
 
@@ -146,6 +148,73 @@ def test_choose_records_is_seeded_and_prefix_stable() -> None:
         choose_records(records, 21, 0)
 
 
+# --- the object counter ----------------------------------------------------------------------------
+
+def _discs(centres: list[tuple[float, float]], radius: float, side: int = 128, colour=(0.9, 0.7, 0.1),
+           background=(1.0, 1.0, 1.0)) -> torch.Tensor:
+    """One image [1, 3, side, side]: filled discs (centres and radius as fractions of the side) on a background."""
+    y, x = np.mgrid[:side, :side] / side
+    inside = np.zeros((side, side), bool)
+    for cy, cx in centres:
+        inside |= (y - cy) ** 2 + (x - cx) ** 2 <= radius ** 2
+    image = np.where(inside[..., None], colour, background).astype(np.float32)
+    return torch.from_numpy(image).permute(2, 0, 1)[None]
+
+
+def test_object_counter_on_discs() -> None:
+    one = _discs([(0.5, 0.5)], 0.3)
+    three = _discs([(0.25, 0.25), (0.25, 0.75), (0.75, 0.5)], 0.15)
+    blank = torch.ones(1, 3, 128, 128)
+    assert count_objects(torch.cat([one, three, blank])) == [1, 3, 0]
+    assert count_objects(_discs([(0.25, 0.25), (0.25, 0.75), (0.75, 0.5)], 0.15, side=512)) == [3]  # resized to 128
+    assert count_objects(_discs([(0.5, 0.5)], 0.3, side=32)) == [1]
+    dark = _discs([(0.3, 0.3), (0.7, 0.7)], 0.15, colour=(1.0, 1.0, 1.0), background=(0.1, 0.1, 0.2))
+    assert count_objects(dark) == [2]  # the background is the border's colour, not white
+    specks = _discs([(0.5, 0.5), (0.1, 0.1), (0.9, 0.9)], 0.03)  # 0.3% of the image each
+    assert count_objects(specks, min_area=0.01) == [0] and count_objects(specks, min_area=0.001) == [3]
+
+
+def test_object_counter_closes_a_thin_gap_and_fills_holes() -> None:
+    cut = _discs([(0.5, 0.5)], 0.3)
+    cut[..., 63, :] = 1.0  # a one-pixel white line through the disc
+    assert count_objects(cut, closing=0) == [2]  # without the closing: two halves
+    assert count_objects(cut) == [1]
+    ring = _discs([(0.5, 0.5)], 0.35)
+    ring[..., 24:104, 24:104] = torch.where(_discs([(0.5, 0.5)], 0.2)[..., 24:104, 24:104] < 1, 1.0,
+                                            ring[..., 24:104, 24:104])  # white inside
+    ring += _discs([(0.5, 0.5)], 0.08) - 1  # a dot in the white hole: a separate component, unless holes are filled
+    assert count_objects(ring.clamp(0, 1)) == [1]
+
+
+def test_score_counts_objects_of_both_sets(extractor_dir: Path) -> None:
+    from selfcascade.scoring import make_reference, score
+
+    extractor = EmojiFeatures(extractor_dir)
+    one, three = _discs([(0.5, 0.5)], 0.3, side=64), _discs([(0.25, 0.25), (0.25, 0.75), (0.75, 0.5)], 0.15, side=64)
+    fake, real = torch.cat([three, one, three, three]), torch.cat([one, one, one, three, one])
+    reference = make_reference(extractor, real, 32, 2, seed=0, batch_size=2, count_objects=True)
+    row = score(extractor, fake, reference, None, 32, 2, 0, batch_size=3, count_objects=True)
+    assert (row["objects"], row["objects_gt1"], row["objects_real"], row["objects_gt1_real"]) == (2.5, 0.75, 1.4, 0.2)
+    plain = score(extractor, fake, make_reference(extractor, real, 32, 2, seed=0, batch_size=2), None, 32, 2, 0,
+                  batch_size=3)
+    assert "objects" not in plain and plain == {k: row[k] for k in plain}  # nothing else moves
+    assert score(extractor, fake, make_reference(extractor, real, 32, 2, seed=0), None, 32, 2, 0,
+                 count_objects=True)["objects_real"] is None  # the reference was not counted
+
+
+def test_labelling_connectivity() -> None:
+    diagonal = np.eye(4, dtype=bool)
+    assert label_components(diagonal)[1] == 1 and label_components(diagonal, diagonal=False)[1] == 4
+    u = np.array([[1, 0, 1], [1, 0, 1], [1, 1, 1]], bool)  # one U: the runs of row 0 join through row 2
+    labels, count = label_components(u)
+    assert count == 1 and set(np.unique(labels[u])) == {1} and not labels[~u].any()
+    box = np.ones((5, 5), bool)
+    box[2, 2] = False
+    assert fill_holes(box).all() and not fill_holes(np.zeros((5, 5), bool)).any()
+    box[2, 4] = box[2, 3] = False  # the hole now reaches the border: background
+    assert not fill_holes(box)[2, 2]
+
+
 # --- the command -----------------------------------------------------------------------------------
 
 def _read_csv(path: Path) -> list[dict]:
@@ -164,12 +233,23 @@ def test_evaluate_end_to_end_and_resume(tiny_sd_dir: Path, fake_cache: Path, ext
     assert [r["mode"] for r in rows] == ["direct", "tuning-free"]
     for r in rows:
         assert list(r) == COLUMNS
-        assert all(r[c] not in ("", "None") for c in COLUMNS), r
+        assert all(r[c] not in ("", "None") for c in COLUMNS if c != "peak_mib"), r
+        assert r["peak_mib"] == ""  # generated on CPU: no number
         assert (r["n_gen"], r["n_real"], r["n_gen_crops"], r["n_real_crops"], r["n_base"]) == ("2", "4", "8", "16", "2")
         assert float(r["FID_r"]) >= 0 and float(r["KID_r_std"]) >= 0 and 0 <= float(r["style_acc"]) <= 1
+        assert float(r["objects"]) >= 0 and 0 <= float(r["objects_gt1"]) <= 1
+        assert float(r["objects"]) * 2 == int(float(r["objects"]) * 2)  # a mean over 2 images
+        real = count_objects(torch.stack([torch.from_numpy(np.array(Image.open(fake_cache / "images" / "64" /
+                                                                            f"img{i}.png"))).permute(2, 0, 1) / 255
+                                          for i in range(2, 6)]))  # the 4 eval renders
+        assert float(r["objects_real"]) == pytest.approx(sum(real) / 4)
+        assert float(r["objects_gt1_real"]) == pytest.approx(sum(n > 1 for n in real) / 4)
     table = (out / "results.md").read_text()
     assert "selfcascade-emoji-cnn-16-" in table and "| 64 | 4x | tuning-free |" in table and "(2/4)" in table
     assert "(8/16)" in table and "(2/2)" in table
+    assert "| objects | peak MiB |" in table and "Peak MiB:" in table and "Objects:" in table
+    objects_cell = f"{float(rows[0]['objects']):.2f}, {100 * float(rows[0]['objects_gt1']):.0f}% (real "
+    assert objects_cell in table and table.splitlines()[-2].endswith("| n/a |")  # peak: n/a on CPU
     assert Image.open(out / "grid_64.png").size[0] > 64
     meta = json.loads((out / "generated" / "tuning-free-64" / "meta.json").read_text())
     assert meta["generated"] == 2 and sorted(p.name for p in (out / "generated" / "tuning-free-64").glob("*.png")) == [
@@ -221,6 +301,52 @@ def test_generated_dir_identical_to_real_scores_zero(fake_cache: Path, extractor
     assert float(copy["SWD_x1e3"]) < float(noisy["SWD_x1e3"])
     assert copy["FID_b"] == "" and copy["n_base"] == "0"  # no --base-samples: n/a
     assert "n/a | n/a" in (out / "results.md").read_text()
+    assert copy["objects"] == copy["objects_real"] and copy["objects_gt1"] == copy["objects_gt1_real"]  # same images
+    assert copy["objects"] != "" and copy["peak_mib"] == ""  # not generated here: no peak memory
+
+    photos = tmp_path / "photos"  # --real: objects are n/a (no plain background to count against)
+    shutil.copytree(runs / "noisy", photos)
+    assert main(["evaluate", "--generated", str(runs / "copy"), "--real", str(photos), "--base-size", "32",
+                 "--num-real", "4", "--features", "emoji", "--feature-weights", str(extractor_dir),
+                 "--cache-dir", str(fake_cache), "--out", str(tmp_path / "eval_real")]) == 0
+    (row,) = _read_csv(tmp_path / "eval_real" / "results.csv")
+    assert row["objects"] == row["objects_real"] == row["objects_gt1"] == "" and row["FID_r"] != ""
+    assert "| n/a | n/a |" in (tmp_path / "eval_real" / "results.md").read_text()
+
+
+class _FakeCascade:
+    """Just what :func:`fill_set` calls: white 8 px images, on a backbone that claims a GPU."""
+
+    def __init__(self, device: str) -> None:
+        self.backbone = type("Backbone", (), {"device": torch.device(device), "name": "fake"})()
+        self.calls = 0
+
+    def weights_fingerprint(self, *args) -> str:
+        return "fake"
+
+    def __call__(self, prompts, height, width, seed, **kwargs):
+        self.calls += 1
+        images = [Image.new("RGB", (width, height), "white") for _ in prompts]
+        settings = {"guidance_scale": [1.0], "steps": 1, "scheduler": "fake", "width": width, "height": height,
+                    "model": "fake", "mode": "direct", "K": 1, "pivot_space": "latent", "stages": [[height, width]]}
+        return type("Output", (), {"images": images, "seeds": seed, "settings": settings})()
+
+
+def test_fill_set_peak_memory_only_for_images_generated_on_a_gpu(tmp_path: Path, monkeypatch) -> None:
+    peaks = iter([300 * 2**20, 500 * 2**20, 400 * 2**20])  # bytes, one per chunk
+    resets = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: resets.append(device))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: next(peaks))
+    spec = GenerationSpec(model="fake", mode="direct", size=8, steps=1, guidance=1.0, seed=0)
+    captions = ["a", "b", "c", "d", "e"]
+    cascade = _FakeCascade("cuda:0")
+    seconds, peak = fill_set(cascade, spec, captions, tmp_path / "gpu", batch_size=2, progress=False)
+    assert cascade.calls == 3 and len(resets) == 3 and resets[0] == torch.device("cuda:0")  # reset before each chunk
+    assert peak == 500 and seconds >= 0  # the largest chunk's, in MiB
+    assert fill_set(cascade, spec, captions, tmp_path / "gpu", batch_size=2, progress=False)[1] is None  # all cached
+    assert fill_set(_FakeCascade("cpu"), spec, captions, tmp_path / "cpu", batch_size=2, progress=False)[1] is None
+    assert len(resets) == 3  # nothing asked of CUDA on CPU
+    assert evaluate_module.mib(499.6) == "500" and evaluate_module.mib(None) == "n/a"
 
 
 def test_generated_dir_errors(tmp_path: Path, fake_cache: Path, extractor_dir: Path) -> None:

@@ -10,7 +10,12 @@ split (concepts the embedded model never saw; seeded choice, image i gets seed `
   the detail at the new scale is judged at native resolution;
 - FID_b / KID_b: generated images downsampled to the base size vs the base model's own samples (same
   captions and seeds at the base size): how much of the base model's layout the mode keeps;
-- SWD: sliced Wasserstein distance on Laplacian pyramids (x1e3), generated vs real at the target size.
+- SWD: sliced Wasserstein distance on Laplacian pyramids (x1e3), generated vs real at the target size;
+- objects: separate foreground objects per image (mean, and the share of images with more than one), beside the
+  real renders' (:mod:`selfcascade.metrics.objects`): repetition of the subject. Images on a plain background
+  only, so n/a with ``--real``;
+- peak MiB: the most GPU memory torch allocated while generating the set in this run (n/a on CPU or when every
+  image came from the cache).
 
 ``--prompts FILE`` takes the captions from a file and ``--real DIR`` the real images from a folder (centre-cropped
 and resized to each size), for the paper's protocol on LAION-style data. Under ``accelerate launch`` every
@@ -93,8 +98,9 @@ class GenerationSpec:
 def generate_set(cascade, spec: GenerationSpec, captions: list[str], folder: Path, batch_size: int,
                  progress: bool = True) -> tuple[torch.Tensor, float]:
     """:func:`fill_set`, then the images read back from the PNGs (so fresh and cached runs score identical pixels),
-    all in memory: for small sets (benchmarks, tests); `evaluate` scores :func:`read_set` batch by batch."""
-    seconds_per_image = fill_set(cascade, spec, captions, folder, batch_size, progress)
+    all in memory, and the seconds per image: for small sets (benchmarks, tests); `evaluate` scores
+    :func:`read_set` batch by batch."""
+    seconds_per_image, _ = fill_set(cascade, spec, captions, folder, batch_size, progress)
     return read_set(folder, len(captions)).read_all(), seconds_per_image
 
 
@@ -103,9 +109,11 @@ def _set_paths(folder: Path, count: int) -> list[Path]:
 
 
 def fill_set(cascade, spec: GenerationSpec, captions: list[str], folder: Path, batch_size: int,
-             progress: bool = True) -> float:
+             progress: bool = True) -> tuple[float, float | None]:
     """Generate the images of ``captions`` missing in ``folder`` (caption i with seed ``spec.seed + i``); returns
-    the mean generation time per image over every image this folder ever generated.
+    the mean generation time per image over every image this folder ever generated, and the peak GPU memory (MiB,
+    ``torch.cuda.max_memory_allocated``, weights included) of the images generated in this call: None when none
+    were generated or the model runs on CPU (nothing comparable to measure there).
 
     Under ``accelerate launch`` every process calls this and generates its share of the missing images; each
     image depends only on its caption and seed, so the split changes no pixel. Returns once all are written."""
@@ -141,22 +149,31 @@ def fill_set(cascade, spec: GenerationSpec, captions: list[str], folder: Path, b
     bar = tqdm(total=done + len(mine), initial=done, desc=f"{spec.mode} {spec.size} px", unit="img",
                disable=not progress or not mine)
     seconds = 0.0
+    device = cascade.backbone.device
+    peak_mib = None  # this process's, over its chunks
     for start in range(0, len(mine), batch_size):
         chunk = mine[start:start + batch_size]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         out = cascade([captions[i] for i in chunk], spec.size, spec.size, mode=spec.mode, num_inference_steps=spec.steps,
                       guidance_scale=spec.guidance, seed=[spec.seed + i for i in chunk], output_type="pil",
                       progress=False, upsamplers=spec.upsamplers)
         seconds += time.perf_counter() - t0
+        if device.type == "cuda":
+            peak_mib = max(peak_mib or 0.0, torch.cuda.max_memory_allocated(device) / 2**20)
         for i, image, seed in zip(chunk, out.images, out.seeds):
             save_png(image, paths[i], {**out.settings, "prompt": [captions[i]]}, seed)
         record(seconds, start + len(chunk))
         bar.update(len(chunk))
     bar.close()
-    shares = gather((seconds, len(mine)))  # also waits until every process has written its share
+    shares = gather((seconds, len(mine), peak_mib))  # also waits until every process has written its share
     if len(shares) > 1 and missing:
-        record(sum(s for s, _ in shares), sum(n for _, n in shares))
-    return (recorded_seconds + sum(s for s, _ in shares)) / max(1, recorded_count + sum(n for _, n in shares))
+        record(sum(s for s, _, _ in shares), sum(n for _, n, _ in shares))
+    total_seconds = recorded_seconds + sum(s for s, _, _ in shares)
+    total_count = recorded_count + sum(n for _, n, _ in shares)
+    peaks = [p for _, _, p in shares if p is not None]  # each process on its own GPU: the largest
+    return total_seconds / max(1, total_count), max(peaks) if peaks else None
 
 
 def read_set(folder: Path, count: int) -> ImageSet:
@@ -169,7 +186,8 @@ def read_set(folder: Path, count: int) -> ImageSet:
 
 
 COLUMNS = ["size", "pixels", "mode", "FID_r", "KID_r", "KID_r_std", "pFID_r", "pKID_r", "pKID_r_std", "FID_b", "KID_b",
-           "KID_b_std", "SWD_x1e3", "style_acc", "n_gen", "n_real", "n_gen_crops", "n_real_crops", "n_base", "s_per_image", "features"]
+           "KID_b_std", "SWD_x1e3", "style_acc", "n_gen", "n_real", "n_gen_crops", "n_real_crops", "n_base", "s_per_image", "features",
+           "objects", "objects_gt1", "objects_real", "objects_gt1_real", "peak_mib"]
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -180,10 +198,26 @@ def percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.0f}%"
 
 
+def mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
+
+
+def objects_text(row: dict) -> str:
+    """Mean objects per image, share with more than one, then the real images' in parentheses: "1.6, 38% (real 1.1,
+    5%)"; n/a when not counted."""
+    if row.get("objects") is None:
+        return "n/a"
+    text = f"{row['objects']:.2f}, {percent(row['objects_gt1'])}"
+    if row.get("objects_real") is not None:
+        text += f" (real {row['objects_real']:.2f}, {percent(row['objects_gt1_real'])})"
+    return text
+
+
 def markdown_table(rows: list[dict]) -> list[str]:
     """One line per (size, mode); counts in parentheses: (generated / reference) images or crops."""
-    lines = ["| size | pixels | mode | FID_r | KID_r | pFID_r | pKID_r | FID_b | KID_b | SWD x1e3 | style | s / image |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| size | pixels | mode | FID_r | KID_r | pFID_r | pKID_r | FID_b | KID_b | SWD x1e3 | style | s / image | "
+             "objects | peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         n_r, n_p, n_b = f"({r['n_gen']}/{r['n_real']})", f"({r['n_gen_crops']}/{r['n_real_crops']})", f"({r['n_gen']}/{r['n_base']})"
         base = (f"{_fmt(r['FID_b'])} {n_b} | {_fmt(r['KID_b'])} ± {_fmt(r['KID_b_std'], 2)} {n_b}"
@@ -191,7 +225,8 @@ def markdown_table(rows: list[dict]) -> list[str]:
         lines.append(
             f"| {r['size']} | {r['pixels']} | {r['mode']} | {_fmt(r['FID_r'])} {n_r} | {_fmt(r['KID_r'])} ± "
             f"{_fmt(r['KID_r_std'], 2)} {n_r} | {_fmt(r['pFID_r'])} {n_p} | {_fmt(r['pKID_r'])} ± {_fmt(r['pKID_r_std'], 2)} "
-            f"{n_p} | {base} | {_fmt(r['SWD_x1e3'])} {n_r} | {percent(r['style_acc'])} | {_fmt(r['s_per_image'], 3)} |")
+            f"{n_p} | {base} | {_fmt(r['SWD_x1e3'])} {n_r} | {percent(r['style_acc'])} | {_fmt(r['s_per_image'], 3)} | "
+            f"{objects_text(r)} | {mib(r.get('peak_mib'))} |")
     return lines
 
 
@@ -289,6 +324,7 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
     #    from --generated
     folders: dict[tuple[int, str], Path] = {}
     timings: dict[tuple[int, str], float | None] = {}
+    peaks: dict[tuple[int, str], float | None] = {}  # MiB, of the images generated in this run on a GPU
     chosen: list[dict] = []
     captions: list[str] | None = None  # of the generated images, when generated here
     guidance = None
@@ -297,22 +333,23 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
         captions, chosen = _captions(args, records)
         guidance = args.guidance  # None: the model's default, per stage
 
-        def generated(mode: str, size: int) -> tuple[Path, float]:
+        def generated(mode: str, size: int) -> tuple[Path, float, float | None]:
             spec = GenerationSpec(model=cascade.backbone.name, mode=mode, size=size, steps=args.steps, guidance=guidance,
                                   seed=args.seed, upsamplers=args.upsamplers if mode == "tuned" else None)
             folder = out / "generated" / spec.folder_name
-            return folder, fill_set(cascade, spec, captions, folder, args.batch_size, progress=not args.no_progress)
+            return folder, *fill_set(cascade, spec, captions, folder, args.batch_size, progress=not args.no_progress)
 
         if args.base_samples is None:
             base_folder = generated("direct", base)[0]
         for size in args.sizes or (2 * base, 4 * base):
             for mode in args.modes:
-                folders[(size, mode)], timings[(size, mode)] = generated(mode, size)
+                folders[(size, mode)], timings[(size, mode)], peaks[(size, mode)] = generated(mode, size)
     if not is_main_process():
         return []
     sets = ({key: read_set(folder, len(captions)) for key, folder in folders.items()} if args.generated is None
             else _generated_sets(Path(args.generated)))
     timings = timings or {key: None for key in sets}
+    count_objects = args.real is None  # plain-background images only: photos give meaningless counts
     base_samples = (folder_set(Path(args.base_samples)) if args.base_samples else
                     read_set(base_folder, len(captions)) if base_folder is not None else None)
     batch = args.score_batch_size
@@ -339,13 +376,19 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
         "subset is then the whole set). Counts in parentheses: (generated / reference) images or crops, the "
         "reference being the real images, or the base samples for FID_b/KID_b. Lower is better, except style: "
         "the share of generated images the emoji network assigns the style their caption names (prompt "
-        "adherence without CLIP; n/a with other features or without captions naming a style).",
+        "adherence without CLIP; n/a with other features or without captions naming a style). Objects: separate "
+        "foreground objects per image (mean, then the share of images with more than one; the real "
+        "images' in parentheses), counted on the plain background of emoji-like images (foreground differs from "
+        "the border's median colour, hairline gaps closed, holes filled, parts under 1% of the image ignored), so "
+        "more than the real renders' means a repeated subject; n/a with --real (photos have no plain background). "
+        "Peak MiB: the most GPU memory torch allocated (weights included) while generating the set's images in this "
+        "run; n/a on CPU or when every image came from the cache.",
     ]
     rows: list[dict] = []
     for size in sorted({size for size, _ in sets}):
         real = (real_folder_set(Path(args.real), size, args.num_real) if args.real else
                 emoji_renders(cache_dir, reference_records, size))
-        reference = make_reference(extractor, real, base, args.crops_per_image, args.seed, batch)
+        reference = make_reference(extractor, real, base, args.crops_per_image, args.seed, batch, count_objects)
         grid_rows = {"real": (emoji_renders(cache_dir, chosen, size) if chosen and not args.real else real)
                      .head(args.grid_images)}
         if base_samples is not None:
@@ -355,9 +398,11 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
                 continue
             logger.info("scoring %s at %d px", name, size)
             row = {"size": size, "pixels": f"{(size / base) ** 2:g}x", "mode": name,
+                   "objects": None, "objects_gt1": None, "objects_real": None, "objects_gt1_real": None,
                    **score(extractor, fake, reference, base_features, base, args.crops_per_image, args.seed,
-                           captions, batch),
-                   "s_per_image": timings[(size, name)], "features": extractor.name}
+                           captions, batch, count_objects),
+                   "s_per_image": timings[(size, name)], "features": extractor.name,
+                   "peak_mib": peaks.get((size, name))}
             rows.append(row)
             grid_rows[name] = fake.head(args.grid_images)
             logger.info("%s", {k: v for k, v in row.items() if k != "features"})

@@ -104,6 +104,31 @@ def test_build_is_idempotent(cache: Path) -> None:
     assert (cache / "manifest.jsonl").read_text() == first
 
 
+def test_slim_packages_render_the_same_data_set(cache: Path, tmp_path: Path) -> None:
+    openmoji = cache / "packages" / "openmoji-17.0.0.tgz"
+    with tarfile.open(openmoji) as tar:
+        files = {m.name.removeprefix("package/"): tar.extractfile(m).read().decode() for m in tar if m.isfile()}
+    _tarball(openmoji, {**files, "black/svg/1F534.svg": BLUE_SQUARE, "README.md": "not read"})
+    slim = tmp_path / "slim"
+    written = emoji.slim_packages(cache / "packages", slim / "packages", sources=("openmoji", "twemoji"))
+    assert sorted(p.name for p in written) == ["emojibase-data-17.0.0.tgz", "openmoji-17.0.0.tgz",
+                                               "twemoji-svg-15.0.0.tgz"]
+    with tarfile.open(slim / "packages" / "openmoji-17.0.0.tgz") as tar:
+        assert sorted(tar.getnames()) == ["package/color/svg/1F44B.svg", "package/color/svg/1F534.svg",
+                                          "package/data/openmoji.json"]
+    assert _build(slim) == _build(cache)
+
+
+def test_cli_limit_renders_the_first_svgs_of_each_source(cache: Path) -> None:
+    from selfcascade.cli import main
+
+    assert main(["data", "build", "--cache-dir", str(cache), "--sources", "openmoji,twemoji", "--sizes", "32",
+                 "--limit", "1", "--min-eval-concepts", "1", "--workers", "1"]) == 0
+    records = read_manifest(cache)
+    assert sorted(r["id"] for r in records) == ["openmoji-1F534", "twemoji-1f534"]
+    assert {r["split"] for r in records} == {"eval"}  # 15% of one concept, at least one held out
+
+
 def test_npm_failure_names_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def failing_run(*args, **kwargs):
         return subprocess.CompletedProcess(args, 1, "", "npm ERR! network")

@@ -50,3 +50,19 @@ def test_caption_cache_roundtrip(encoder: TextEncoder, tmp_path: Path) -> None:
     assert loaded.uncond_mask.sum() == 2 and loaded.max_length == 16
     with pytest.raises(KeyError, match="rebuild"):
         loaded.lookup("missing")
+
+
+def test_env_loads_a_copy_of_the_model_folder(encoder: TextEncoder, tmp_path: Path, monkeypatch) -> None:
+    from selfcascade import text_encoder
+
+    copy = tmp_path / "minilm"
+    copy.mkdir()
+    for path in Path(text_encoder._model_path()).iterdir():
+        (copy / path.name).symlink_to(path)
+    monkeypatch.setenv(text_encoder.ENCODER_ENV, str(copy))
+    assert text_encoder._model_path() == str(copy)
+    hidden, _ = TextEncoder(max_length=16).encode(["red apple"])
+    assert torch.equal(hidden, encoder.encode(["red apple"])[0])
+    monkeypatch.setenv(text_encoder.ENCODER_ENV, str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="SELFCASCADE_TEXT_ENCODER"):
+        TextEncoder()

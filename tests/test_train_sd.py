@@ -4,6 +4,7 @@ folder that StableDiffusionPipeline loads and samples."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -62,6 +63,19 @@ def test_learns_resumes_exactly_and_exports(tmp_path: Path, vae_dir: Path, data)
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "model")
     assert pipe("red apple", height=32, width=32, num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
     assert json.loads((tmp_path / "model" / "train_state.json").read_text())["train_steps"] == 40
+
+
+def test_max_minutes_stops_between_checkpoints_with_one_where_it_stops(tmp_path: Path, vae_dir: Path, data,
+                                                                       monkeypatch) -> None:
+    from selfcascade import checkpoints
+
+    clock = itertools.count(0, 60)  # each reading of the trainers' clock is a minute later
+    monkeypatch.setattr(checkpoints, "monotonic", lambda: next(clock))
+    args = _args(tmp_path, vae_dir, "--max-steps", "40", "--checkpoint-every", "20", "--max-minutes", "3")
+    assert train_sd.train(args, data)["step"] == 2  # deadline at minute 3: steps start at minutes 1 and 2
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["step"] == 2
+    monkeypatch.undo()
+    assert train_sd.train(_args(tmp_path, vae_dir, "--max-steps", "3"), data)["step"] == 3  # resumes from it
 
 
 def test_refuses_other_settings(tmp_path: Path, vae_dir: Path, data) -> None:

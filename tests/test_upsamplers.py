@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -204,6 +205,20 @@ def test_cli_train_resume_extend_and_generate(tiny_sd_dir, caption_folder, tmp_p
     assert main(["generate", "red apple", "--model", str(tiny_sd_dir), "--size", "64", "--steps", "2",
                  "--mode", "tuned", "--upsamplers", str(run / "bank"), "--no-progress", "-o", str(out)]) == 0
     assert json.loads(Image.open(out).info["selfcascade"])["upsamplers"] == [str(run / "bank")]
+
+
+def test_max_minutes_stops_with_a_checkpoint_and_the_bank(tiny_sd_dir, caption_folder, tmp_path, monkeypatch):
+    from selfcascade import checkpoints
+
+    clock = itertools.count(0, 60)  # each reading of the trainers' clock is a minute later
+    monkeypatch.setattr(checkpoints, "monotonic", lambda: next(clock))
+    run = tmp_path / "run"
+    assert main(["train-upsamplers", "--model", str(tiny_sd_dir), "--data", str(caption_folder), "--size", "64",
+                 "--batch-size", "1", "--run-dir", str(run), "--threads", "1", "--validate-every", "5",
+                 "--validation-steps", "2", "--max-steps", "50", "--max-minutes", "2"]) == 0
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 1
+    assert json.loads((run / "bank" / "config.json").read_text())["train_steps"] == 1
+    assert (run / "validation" / "step-000001.png").is_file()  # the grid of where it stopped
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 from pathlib import Path
+from time import monotonic
 from typing import Callable, Iterable
 
 import torch
@@ -108,6 +109,24 @@ def record_loss(accelerator, loss: torch.Tensor, state: dict, step: int, bar, lo
     bar.update()
     bar.set_postfix(loss=f"{state['loss']:.4f}", refresh=False)
     return value
+
+
+def deadline_after(minutes: float | None) -> float | None:
+    """The ``monotonic()`` instant ``minutes`` from now (None: no time limit), for ``past_deadline``."""
+    return None if minutes is None else monotonic() + 60 * minutes
+
+
+def past_deadline(accelerator, deadline: float | None) -> bool:
+    """Whether a trainer's wall-clock budget (``deadline_after``) is spent, as the main process's clock says, so that
+    every process stops after the same step."""
+    if deadline is None:
+        return False
+    late = monotonic() >= deadline
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast
+
+        late = bool(broadcast(torch.tensor([late], device=accelerator.device)).item())
+    return late
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:

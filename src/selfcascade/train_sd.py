@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .backbones.base import BANKS_DIR, MODEL_SETTINGS_FILE, zoom_prompt
-from .checkpoints import find_checkpoint, read_checkpoint_state
-from .commands import add_command, run_module
+from .checkpoints import deadline_after, find_checkpoint, read_checkpoint_state
+from .commands import add_command, add_time_limit_argument, run_module
 from . import embedded_sd
 from .embedded_sd import (BASE_SIZE, DEFAULT_SAMPLING, SD15_UNET, ZOOM_CUE, build_sd_scheduler,
                           build_sd_unet, encode_prompts, load_embedded_pipeline, load_text_components, save_sd_folder)
@@ -181,10 +181,12 @@ def _default_data(args: argparse.Namespace, vae) -> LatentData:
 
 
 def train(args: argparse.Namespace, data: LatentData | None = None) -> dict:
-    """Train (resuming from ``args.run_dir``'s checkpoint if any) to ``args.max_steps``; return the state."""
+    """Train (resuming from ``args.run_dir``'s checkpoint if any) to ``args.max_steps`` or for ``args.max_minutes``;
+    return the state."""
     from accelerate import Accelerator
     from diffusers import AutoencoderKL
 
+    deadline = deadline_after(args.max_minutes)
     accelerator = Accelerator(cpu=args.cpu)
     if accelerator.device.type == "cpu":
         torch.set_num_threads(args.threads)
@@ -218,7 +220,7 @@ def train(args: argparse.Namespace, data: LatentData | None = None) -> dict:
                               args.min_snr_gamma)
 
     loop = LoopConfig(run_dir, args.max_steps, args.lr, args.warmup, args.grad_clip, args.checkpoint_every,
-                      args.log_every, args.seed, "train-sd")
+                      args.log_every, args.seed, "train-sd", deadline)
     train_loop(accelerator, unet, optimizer, loss_fn, loop, state, model_and_ema_writer(accelerator, unet, ema), ema)
     if args.export and accelerator.is_main_process:
         export_run(run_dir, Path(args.export))
@@ -309,6 +311,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", type=Path, default=Path("runs/sd"), help="checkpoints go to RUN_DIR/checkpoint")
     parser.add_argument("--cache-dir", type=Path, default=None, help="data set cache (see `selfcascade data build`)")
     parser.add_argument("--max-steps", type=int, default=20000)
+    add_time_limit_argument(parser)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--warmup", type=int, default=200)

@@ -39,9 +39,9 @@ from tqdm.auto import tqdm
 
 from .backbones.base import Backbone, PromptEmbeds, resize_spatial
 from .cascade import resolve_k
-from .checkpoints import (checkpoint_at, find_checkpoint, load_optimizer, optimizer_step, read_checkpoint_state,
-                          record_loss, step_generator)
-from .commands import add_command, add_trainer_arguments, parse_positive_int, run_module
+from .checkpoints import (checkpoint_at, deadline_after, find_checkpoint, load_optimizer, optimizer_step,
+                          past_deadline, read_checkpoint_state, record_loss, step_generator)
+from .commands import add_command, add_time_limit_argument, add_trainer_arguments, parse_positive_int, run_module
 from .data.emoji_clips import DEFAULT_FRAMES
 from .unet_features import inject, pivot_features
 from .upsamplers import DEFAULT_TIME_WIDTH, DEFAULT_WIDTH, UpsamplerBank
@@ -387,11 +387,13 @@ def _frames(backbone: Backbone, frames: int | None) -> int | None:
 
 
 def train(args: argparse.Namespace, data: ImageCaptions | None = None) -> dict:
-    """Tune (resuming from ``args.run_dir``'s checkpoint if any) until ``args.max_steps``; returns the state."""
+    """Tune (resuming from ``args.run_dir``'s checkpoint if any) until ``args.max_steps`` or for ``args.max_minutes``;
+    returns the state."""
     from accelerate import Accelerator
 
     from .pipeline import SelfCascadePipeline
 
+    deadline = deadline_after(args.max_minutes)
     cpu = args.cpu or not torch.cuda.is_available()
     precision = args.mixed_precision or ("no" if cpu else "fp16")
     accelerator = Accelerator(cpu=cpu, mixed_precision=precision)
@@ -448,10 +450,20 @@ def train(args: argparse.Namespace, data: ImageCaptions | None = None) -> dict:
                 f"{len(data)} clips of {frames} frames" if frames else f"{len(data)} images", k, args.batch_size,
                 accelerator.num_processes)
 
+    def write_bank(folder: Path) -> None:
+        accelerator.unwrap_model(model).save_pretrained(folder / "bank", safe_serialization=True)
+
     step = state["step"]
     bar = tqdm(total=args.max_steps, initial=step, desc="train-upsamplers", unit="step",
                disable=not accelerator.is_main_process)
     while step < args.max_steps:
+        if past_deadline(accelerator, deadline):
+            logger.info("time budget spent at step %d (of --max-steps %d)", step, args.max_steps)
+            if step % args.checkpoint_every:  # leave this step to resume from
+                checkpoint_at(accelerator, run_dir, step, args.checkpoint_every, step, optimizer, state, write_bank)
+            if args.validate_every and step % args.validate_every and accelerator.is_main_process:
+                _validate(cascade, accelerator.unwrap_model(model), validation_prompts, high, args, run_dir, step, frames)
+            break
         t0 = time.perf_counter()
         g = step_generator(args.seed, step, accelerator.process_index)
 
@@ -470,9 +482,7 @@ def train(args: argparse.Namespace, data: ImageCaptions | None = None) -> dict:
         step += 1
         state["train_seconds"] += time.perf_counter() - t0
         record_loss(accelerator, loss, state, step, bar, args.log_every)
-        checkpoint_at(accelerator, run_dir, step, args.checkpoint_every, args.max_steps, optimizer, state,
-                      lambda folder: accelerator.unwrap_model(model).save_pretrained(folder / "bank",
-                                                                                     safe_serialization=True))
+        checkpoint_at(accelerator, run_dir, step, args.checkpoint_every, args.max_steps, optimizer, state, write_bank)
         if args.snapshot_every and step % args.snapshot_every == 0 and accelerator.is_main_process:
             save_bank(accelerator.unwrap_model(model), run_dir / "snapshots" / f"step-{step:06d}", step)
         if args.validate_every and step % args.validate_every == 0 and accelerator.is_main_process:
@@ -523,6 +533,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=DEFAULT_WIDTH, help="channels inside each upsampler (new banks only)")
     parser.add_argument("--time-width", type=int, default=DEFAULT_TIME_WIDTH, help="timestep features (new banks only)")
     parser.add_argument("--max-steps", type=int, default=2000, help="train until this many steps in total")
+    add_time_limit_argument(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="images per micro-batch, per process")
     parser.add_argument("--grad-accum", type=parse_positive_int, default=1,
                         help="micro-batches per optimizer step (effective batch: batch size x this x processes)")

@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from safetensors.torch import load_file, save_file
 
-from .checkpoints import (find_checkpoint, load_optimizer, optimizer_step, read_checkpoint_state, record_loss,
-                          step_generator, write_checkpoint)
+from .checkpoints import (find_checkpoint, load_optimizer, optimizer_step, past_deadline, read_checkpoint_state,
+                          record_loss, step_generator, write_checkpoint)
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class LoopConfig:
     log_every: int = 10          # steps between points of the recorded loss curve
     seed: int = 0
     desc: str = "train"
+    deadline: float | None = None  # ``checkpoints.deadline_after``: stop (and checkpoint) once it has passed
 
 
 MODEL_FILE, EMA_FILE = "model.safetensors", "ema.safetensors"
@@ -140,7 +141,8 @@ def hardware(accelerator) -> str:
 def train_loop(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
                config: LoopConfig, state: dict, write_weights: WriteWeights, ema: EMA | None = None,
                on_checkpoint: Callable[[int], None] | None = None) -> dict:
-    """Run ``loss_fn`` steps from ``state["step"]`` to ``config.max_steps``; checkpoint atomically on the way.
+    """Run ``loss_fn`` steps from ``state["step"]`` to ``config.max_steps``, or until ``config.deadline`` has passed;
+    checkpoint atomically on the way and where it stops.
 
     ``model`` and ``optimizer`` are already ``accelerator.prepare``d; ``write_weights(folder)`` saves the
     trainer's weights (the EMA's too) into a checkpoint folder. Returns ``state``.
@@ -150,7 +152,11 @@ def train_loop(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optim
     bar = tqdm(total=config.max_steps, initial=step, desc=config.desc, unit="step",
                disable=not accelerator.is_main_process, mininterval=5)
     model.train()
+    saved = None
     while step < config.max_steps:
+        if past_deadline(accelerator, config.deadline):
+            logger.info("time budget spent at step %d (of --max-steps %d)", step, config.max_steps)
+            break
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup))
@@ -163,10 +169,12 @@ def train_loop(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optim
         record_loss(accelerator, loss, state, step, bar, config.log_every, decay=0.98)
         if step % config.checkpoint_every == 0 or step == config.max_steps:
             _checkpoint(accelerator, config.run_dir, optimizer, state, step, write_weights)
+            saved = step
             if on_checkpoint is not None and accelerator.is_main_process:
                 on_checkpoint(step)
     bar.close()
-    if not (config.run_dir / "checkpoint").exists():  # no steps to run: still leave something to export
+    if saved != step and (step < config.max_steps or not (config.run_dir / "checkpoint").exists()):
+        # stopped by the deadline between checkpoints, or no steps to run: still leave this step to resume or export
         _checkpoint(accelerator, config.run_dir, optimizer, state, step, write_weights)
     return state
 

@@ -36,6 +36,9 @@ def register_cli(subparsers: "argparse._SubParsersAction") -> None:
                        help=f"subset of {','.join(emoji.SOURCES)}")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--eval-fraction", type=float, default=0.15)
+    build.add_argument("--min-eval-concepts", type=int, default=500, help="held-out concepts at least")
+    build.add_argument("--limit", type=int, default=None,
+                       help="only the first N SVGs of each source: a tiny data set for smoke tests")
     build.add_argument("--workers", type=int, default=2)
     build.set_defaults(func=_cmd_build)
 
@@ -57,7 +60,8 @@ def register_cli(subparsers: "argparse._SubParsersAction") -> None:
 
 def _cmd_build(args: argparse.Namespace) -> None:
     emoji.build_dataset(args.cache_dir, sizes=args.sizes, sources=args.sources, seed=args.seed,
-                        eval_fraction=args.eval_fraction, workers=args.workers)
+                        eval_fraction=args.eval_fraction, min_eval_concepts=args.min_eval_concepts,
+                        workers=args.workers, limit=args.limit)
 
 
 def _cmd_clips(args: argparse.Namespace) -> None:

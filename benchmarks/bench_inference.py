@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         peaks: dict[str, list[float]] = {m: [] for m in args.modes}
         call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="np", progress=False)
         for mode in args.modes:  # warm-up: allocator, kernels, lazy inits
-            cascade(args.prompt, height, width, mode=mode, seed=0, **call)
+            cascade(args.prompt, height, width, mode=mode, seed=0, **{**call, "num_inference_steps": args.warmup_steps or args.steps})
         for rep in range(args.repeats):
             for mode in args.modes:
                 with PeakMemory(bb.device) as mem:
@@ -122,10 +122,12 @@ def write_results(stem: Path, rows: list[dict], markdown: list[str]) -> None:
 
 def write(rows: list[dict], args: argparse.Namespace) -> None:
     lines = [
-        f"# Inference cost: direct vs tuning-free ({args.model})", "",
+        f"# Inference cost: {', '.join(args.modes)} ({args.model})", "",
         f"Device: {device_name(args.threads)}; torch {torch.__version__}; {args.steps} DDIM steps, guidance {args.guidance}, "
-        f"batch 1, median of {args.repeats} after one warm-up. Command: `python benchmarks/bench_inference.py "
-        f"--model {args.model} --ratios {' '.join(map(str, args.ratios))} --steps {args.steps} --repeats {args.repeats}`.", "",
+        f"batch 1, median of {args.repeats} after one warm-up"
+        + (f" of {args.warmup_steps} steps" if args.warmup_steps else "") + ". Command: `python benchmarks/bench_inference.py "
+        f"--model {args.model} --ratios {' '.join(map(str, args.ratios))} --modes {' '.join(args.modes)} --steps {args.steps} "
+        f"--repeats {args.repeats}" + (f" --warmup-steps {args.warmup_steps}" if args.warmup_steps else "") + "`.", "",
         "| pixels | size | mode | stages | s / image | x direct | peak MiB |", "|---|---|---|---|---|---|---|",
     ]
     lines += [f"| {r['ratio']}x | {r['size']} | {r['mode']} | {r['stages']} | {r['seconds_median']} | "
@@ -141,6 +143,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help="steps of each cell's warm-up call (default: --steps); a few suffice where one image takes minutes")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt", default="a red apple")
     args = parser.parse_args()

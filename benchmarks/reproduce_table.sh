@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Reproduce benchmarks/results/table_embedded.{md,csv}, its grids and the Fig. 5 curve (table_embedded_curves.*)
-# on the embedded model, training runs included: about 3 hours on 2 CPU cores (half of it at 256 px).
+# Reproduce the v2 embedded model's table (benchmarks/results/v2/table_embedded.{md,csv}, made when v2 was the
+# default "embedded"), its grids and the Fig. 5 curve (table_embedded_curves.*), training runs included: about
+# 3 hours on 2 CPU cores (half of it at 256 px). It writes benchmarks/results/table_$MODEL.* (MODEL=embedded-v2).
 #
 #   bash benchmarks/reproduce_table.sh            # everything; rerun after an interruption to resume
 #   RUNS=/tmp/bench THREADS=4 bash benchmarks/reproduce_table.sh
@@ -16,13 +17,14 @@ RUNS=${RUNS:-runs/bench}
 THREADS=${THREADS:-2}
 IMAGES=${IMAGES:-16}
 STEPS=${STEPS:-25}
+MODEL=${MODEL:-embedded-v2}
 "$PY" -c "import matplotlib, peft" 2>/dev/null || {
   echo "needs the bench and baselines extras: $PY -m pip install -e '.[bench,baselines]'" >&2; exit 1; }
-sc() { "$PY" -m selfcascade.cli "$@"; }
+sc() { "$PY" -m selfcascade.cli "$@" --model "$MODEL"; }
 table() { "$PY" benchmarks/bench_table.py --num-images "$IMAGES" --steps "$STEPS" --repeats 2 --threads "$THREADS" \
-  --out "$RUNS/table" "$@"; }
+  --out "$RUNS/table" --model "$MODEL" "$@"; }
 
-sc data build --sizes 32,64,128,256 --workers 2
+"$PY" -m selfcascade.cli data build --sizes 32,64,128,256 --workers 2
 
 # 4x: the bank and the training baselines, with snapshots for the curve
 sc train-upsamplers --size 64 --max-steps 500 --batch-size 8 --snapshot-every 125 --threads "$THREADS" \

@@ -171,7 +171,8 @@ class SelfCascadePipeline:
         dtype = dtype or default_dtype(device)
         path = Path(name_or_path)
         v3_folder = embedded_sd.SHIPPED_DIR if str(name_or_path) == EMBEDDED_NAME else path
-        if embedded_sd.is_shipped(v3_folder) and not (v3_folder / "model_index.json").is_file():
+        if (embedded_sd.is_shipped(v3_folder) and (v3_folder / "vae").is_dir()
+                and not (v3_folder / "model_index.json").is_file()):
             # the package's v3 parts (or a copy of that layout, e.g. a folder `train-sd --ship` wrote)
             pipe = embedded_sd.load_embedded_pipeline(v3_folder).to(device, dtype)
             cascade = cls.from_pipe(pipe, scheduler=scheduler)

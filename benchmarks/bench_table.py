@@ -3,8 +3,10 @@
     python benchmarks/bench_table.py --quick                       # minutes on 2 CPU cores
     python benchmarks/bench_table.py --sizes 64 128 256 --num-images 256 --steps 50
 
-Rows: direct inference, Attn-SF, ScaleCrafter-style re-dilation, hires fix, the tuning-free and tuned
-self-cascade, and the training baselines (full fine-tuning, LoRA rank 4 and 32) wherever their runs
+Rows: direct inference, Attn-SF, ScaleCrafter-style re-dilation, hires fix, the rivals users pick today
+(HiDiffusion through its PyPI package, DemoFusion, FreeScale, Kohya's Deep Shrink), the tuning-free and tuned
+self-cascade, the tuned cascade with HiDiffusion's windowed attention on its last stage (``tuned+window``), and the
+training baselines (full fine-tuning, LoRA rank 4 and 32) wherever their runs
 exist (``--bank``, ``--full``, ``--lora4``, ``--lora32``: a ``selfcascade train-upsamplers`` /
 ``selfcascade finetune`` run folder; a fine-tuned UNet is used at the size it was tuned at and above, as
 the banks are: a 64x row with fine-tunes at 128 px compares them with banks trained on the same images).
@@ -35,7 +37,7 @@ import torch
 from selfcascade import SelfCascadePipeline
 from selfcascade.loading import load_unet_weights
 from selfcascade.data.emoji import default_cache_dir, read_manifest
-from selfcascade.evaluate import GenerationSpec, choose_records, generate_set, percent, write_grid
+from selfcascade.evaluate import GenerationSpec, choose_records, generate_set, objects_text, percent, write_grid
 from selfcascade.image_sets import emoji_renders
 from selfcascade.scoring import make_reference, score, style_adherence
 from selfcascade.io import atomic_path
@@ -45,7 +47,8 @@ from selfcascade.upsamplers import UpsamplerBank
 from bench_inference import PeakMemory, device_name, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TRAINING_FREE = ["direct", "attn-sf", "redilate", "hires-fix", "tuning-free"]
+TRAINING_FREE = ["direct", "attn-sf", "redilate", "hires-fix", "hidiffusion", "demofusion", "freescale", "deep-shrink",
+                 "tuning-free"]
 GRID_COLUMNS = 4
 
 
@@ -59,6 +62,7 @@ class Method:
     upsamplers: str | None = None
     tuned_size: int | None = None  # fine-tuned UNets: used at this size and above
     shipped_banks: bool = False  # tuned with the model's own banks, one per stage
+    window_attention: bool = False  # the cascade's final stage in shifted-window self-attention
 
     def cost(self, size: int) -> tuple[int, int]:
         """Trainable parameters and training steps behind this row at ``size``: with the shipped banks, the sum
@@ -86,11 +90,12 @@ class Method:
     def spec(self, size: int, steps: int, seed: int) -> GenerationSpec:
         model = self.cascade.backbone.name + ("" if self.label == self.mode else f"+{self.label}")
         return GenerationSpec(model=model, mode=self.mode, size=size, steps=steps, guidance=None, seed=seed,
-                              upsamplers=self.upsamplers)
+                              upsamplers=self.upsamplers, window_attention=self.window_attention)
 
     def __call__(self, prompt: str, size: int, steps: int, seed: int):
         return self.cascade(prompt, size, size, mode=self.mode, num_inference_steps=steps, seed=seed,
-                            upsamplers=self.upsamplers, output_type="np", progress=False)
+                            upsamplers=self.upsamplers, window_attention=self.window_attention, output_type="np",
+                            progress=False)
 
 
 def bank_cost(banks) -> tuple[int, int]:
@@ -107,6 +112,10 @@ def load_methods(args: argparse.Namespace) -> list[Method]:
         methods.append(Method("tuned", "tuned", base, *bank_cost([bank]), upsamplers=str(bank)))
     elif base.backbone.default_banks([base.backbone.base_size]):  # the model's shipped banks
         methods.append(Method("tuned", "tuned", base, shipped_banks=True))
+    tuned = next((m for m in methods if m.label == "tuned"), None)
+    if tuned is not None:  # HiDiffusion's windowed attention on the cascade's last stage: kept if faster at equal quality
+        methods.append(Method("tuned+window", "tuned", base, tuned.trainable, tuned.steps, tuned.upsamplers,
+                              shipped_banks=tuned.shipped_banks, window_attention=True))
     for label in ("full", "lora4", "lora32"):
         run = getattr(args, label)
         if run is None:
@@ -249,14 +258,14 @@ def main() -> None:
         active = [m for m in methods if m.tuned_size is None or size >= m.tuned_size]
         timing = time_methods(active, size, args.steps, args.repeats)
         real = emoji_renders(cache_dir, reference_records, size)
-        references[size] = make_reference(extractor, real, base, args.crops_per_image, args.seed)
+        references[size] = make_reference(extractor, real, base, args.crops_per_image, args.seed, count_objects=True)
         style_real = style_adherence(extractor, real, [r["caption"] for r in reference_records])
         grid = {"real": emoji_renders(cache_dir, caption_records, size).head(GRID_COLUMNS)}
         for m in active:
             fake, _ = generate_set(m.cascade, m.spec(size, args.steps, args.seed), captions,
                                    args.out / f"{m.label}-{size}", args.batch_size)
             metrics = score(extractor, fake, references[size], base_features, base, args.crops_per_image, args.seed,
-                            captions)
+                            captions, count_objects=True)
             grid[m.label] = fake
             seconds, peak = timing[m.label]
             trainable, train_steps = m.cost(size)
@@ -265,7 +274,8 @@ def main() -> None:
                          "s_per_image": round(seconds, 3),
                          "x_direct": round(seconds / timing["direct"][0], 3), "peak_mib": round(peak, 1), **metrics,
                          "style_acc_real": style_real, "style_acc_base": style_base, **settings})
-            print({k: rows[-1][k] for k in ("size", "method", "x_direct", "FID_r", "pFID_r", "FID_b", "SWD_x1e3")},
+            print({k: rows[-1][k] for k in ("size", "method", "x_direct", "FID_r", "pFID_r", "FID_b", "SWD_x1e3",
+                                            "objects")},
                   flush=True)
         write_grid(stem.with_name(f"{stem.name}_grid_{size}.png"), grid, GRID_COLUMNS, cell=size)
         table = sorted(kept + rows, key=lambda r: r["size"])
@@ -330,12 +340,14 @@ def table_lines(rows: list[dict], args: argparse.Namespace, features: str, num_r
         f"Time and peak memory: batch 1, median of {args.repeats} after a warm-up, methods alternated in one process "
         "(CPU peak = rise of the resident set). KID: mean ± std over subsets. Counts: (generated / reference). "
         "Lower is better, except style: the share of images the feature network assigns the style their caption "
-        f"names (prompt adherence without CLIP; {_style_ceilings(rows, base)}). Train px: side of the images a "
+        f"names (prompt adherence without CLIP; {_style_ceilings(rows, base)}). Objects: separate foreground objects "
+        "per image, mean and share with more than one (repetition of the subject), real renders' in parentheses. "
+        "Train px: side of the images a "
         "row's training saw (fine-tuned UNets are used at that size and above, like the banks). The rows of one "
         "size come from one run, so ratios and timings compare methods measured side by side.", "",
         "| pixels | size | method | trainable params | train steps | train px | s / image | x direct | peak MiB | FID_r | "
-        "KID_r | pFID_r | pKID_r | FID_b | KID_b | SWD x1e3 | style |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "KID_r | pFID_r | pKID_r | FID_b | KID_b | SWD x1e3 | style | objects |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         n, nc, nb = f"({r['n_gen']}/{r['n_real']})", f"({r['n_gen_crops']}/{r['n_real_crops']})", f"({r['n_gen']}/{r['n_base']})"
@@ -344,7 +356,8 @@ def table_lines(rows: list[dict], args: argparse.Namespace, features: str, num_r
             f"{r.get('train_px') or '-'} | "
             f"{r['s_per_image']} | {r['x_direct']} | {r['peak_mib']} | {_f(r['FID_r'])} {n} | {_f(r['KID_r'], 3)} ± "
             f"{_f(r['KID_r_std'], 2)} | {_f(r['pFID_r'])} {nc} | {_f(r['pKID_r'], 3)} ± {_f(r['pKID_r_std'], 2)} | "
-            f"{_f(r['FID_b'])} {nb} | {_f(r['KID_b'], 3)} | {_f(r['SWD_x1e3'])} | {percent(r.get('style_acc'))} |")
+            f"{_f(r['FID_b'])} {nb} | {_f(r['KID_b'], 3)} | {_f(r['SWD_x1e3'])} | {percent(r.get('style_acc'))} | "
+            f"{objects_text(r)} |")
     return lines
 
 

@@ -42,14 +42,16 @@ def pick_records(records: list[dict], split: str, count: int, seed: int) -> list
     return [pool[i] for i in order[:count]]
 
 
-def sample(cascade: SelfCascadePipeline, captions: list[str], steps: int, first_seed: int, batch: int) -> torch.Tensor:
-    """uint8 [N, 3, S, S] samples at the model's base size, one new seed per caption."""
+def sample(cascade: SelfCascadePipeline, captions: list[str], steps: int, first_seed: int, batch: int,
+           guidance: float | None = None) -> torch.Tensor:
+    """uint8 [N, 3, S, S] samples at the model's base size, one new seed per caption (guidance: the model's own
+    when None)."""
     h, w = cascade.backbone.base_size
     out = []
     for i in range(0, len(captions), batch):
         chunk = captions[i:i + batch]
         images = cascade(chunk, h, w, mode="direct", num_inference_steps=steps, seed=first_seed + i,
-                         output_type="pt", progress=False).images
+                         guidance_scale=guidance, output_type="pt", progress=False).images
         out.append((images * 255).round().to(torch.uint8))
     return torch.cat(out)
 
@@ -81,6 +83,8 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=48, help="captions per split")
     parser.add_argument("--splits", nargs="+", default=["train", "eval"])
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, nargs="+", default=None,
+                        help="classifier-free guidance scales to sweep (default: each model's own)")
     parser.add_argument("--first-seed", type=int, default=1000, help="seeds never used in training or earlier reports")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="which captions are drawn")
@@ -94,7 +98,9 @@ def main() -> None:
     records = read_manifest(cache_dir)
     net, labels = load_feature_net()
     extractor = EmojiFeatures()
-    models = [m.split("=", 1) if "=" in m else (m, m) for m in args.model]
+    named = [m.split("=", 1) if "=" in m else (m, m) for m in args.model]
+    sweep = args.guidance or [None]
+    models = [(label if g is None else f"{label} g={g:g}", path, g) for label, path in named for g in sweep]
     rows, grids = [], []
     for split in args.splits:
         chosen = pick_records(records, split, args.count, args.seed)
@@ -103,24 +109,25 @@ def main() -> None:
         rows.append({"split": split, "model": "real renders", "steps": "-", "s_per_image": None,
                      **score(net, labels, extractor, real, real, chosen), "fid": None})
         samples = {}
-        for label, path in models:
+        for label, path, guidance in models:
             cascade = SelfCascadePipeline.from_pretrained(path, device="cpu")
             t0 = time.perf_counter()
-            images = sample(cascade, captions, args.steps, args.first_seed, args.batch)
+            images = sample(cascade, captions, args.steps, args.first_seed, args.batch, guidance)
             seconds = (time.perf_counter() - t0) / len(captions)
             samples[label] = images
             rows.append({"split": split, "model": label, "steps": args.steps, "s_per_image": seconds,
                          **score(net, labels, extractor, images, real, chosen)})
             print(rows[-1], flush=True)
         n = min(args.grid_rows, len(chosen))
-        cells = [[to_pil(real[i]), *(to_pil(samples[label][i]) for label, _ in models)] for i in range(n)]
-        grids.append((split, make_grid(cells, [c[:40] for c in captions[:n]], ["real", *(m for m, _ in models)],
+        cells = [[to_pil(real[i]), *(to_pil(samples[label][i]) for label, _, _ in models)] for i in range(n)]
+        grids.append((split, make_grid(cells, [c[:40] for c in captions[:n]], ["real", *(m for m, _, _ in models)],
                                        cell=REAL_SIZE)))
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
+    guidance_text = "guidance as labelled" if args.guidance else "each model's default guidance"
     lines = ["# Prompt adherence at the base size", "",
              f"{args.count} random captions per split (caption seed {args.seed}), one sample each (seeds "
-             f"{args.first_seed}+), {args.steps} DDIM steps, each model's default guidance; scored by the emoji "
+             f"{args.first_seed}+), {args.steps} DDIM steps, {guidance_text}; scored by the emoji "
              f"feature network `{extractor.name}`; real renders at {REAL_SIZE} px. Concept top-5 only for train-split "
              "captions (the network never saw held-out concepts). FID: emoji features, samples vs the real renders "
              f"of the same captions ({args.count} vs {args.count}: compare within a split only).", "",

@@ -89,10 +89,19 @@ class GenerationSpec:
     guidance: float | list[float]
     seed: int
     upsamplers: str | None = None
+    window_attention: bool = False  # the cascade's final stage in windowed self-attention
 
     @property
     def folder_name(self) -> str:
         return f"{self.mode}-{self.size}"
+
+    def settings(self) -> dict:
+        """What a folder's meta.json records; window_attention only when on, so folders made before it existed
+        still match."""
+        settings = asdict(self)
+        if not self.window_attention:
+            del settings["window_attention"]
+        return settings
 
 
 def generate_set(cascade, spec: GenerationSpec, captions: list[str], folder: Path, batch_size: int,
@@ -120,7 +129,7 @@ def fill_set(cascade, spec: GenerationSpec, captions: list[str], folder: Path, b
     from .processes import gather, is_main_process, my_share, wait_for_everyone
 
     meta_path = folder / META_JSON
-    settings = asdict(spec)
+    settings = spec.settings()
     weights = cascade.weights_fingerprint(spec.size, spec.size, spec.mode, spec.upsamplers)
     meta = (json.loads(meta_path.read_text()) if meta_path.exists() else
             {"settings": settings, "weights": weights, "captions": [], "generated": 0, "seconds": 0.0})
@@ -158,7 +167,7 @@ def fill_set(cascade, spec: GenerationSpec, captions: list[str], folder: Path, b
         t0 = time.perf_counter()
         out = cascade([captions[i] for i in chunk], spec.size, spec.size, mode=spec.mode, num_inference_steps=spec.steps,
                       guidance_scale=spec.guidance, seed=[spec.seed + i for i in chunk], output_type="pil",
-                      progress=False, upsamplers=spec.upsamplers)
+                      progress=False, upsamplers=spec.upsamplers, window_attention=spec.window_attention)
         seconds += time.perf_counter() - t0
         if device.type == "cuda":
             peak_mib = max(peak_mib or 0.0, torch.cuda.max_memory_allocated(device) / 2**20)

@@ -227,6 +227,7 @@ def main() -> None:
     parser.add_argument("--curve-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/table"), help="cached images")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the table, grids and curves")
     parser.add_argument("--quick", action="store_true", help="16 images, 20 steps, 64 px only, 1 timing repeat")
     args = parser.parse_args()
     if args.curves and importlib.util.find_spec("matplotlib") is None:
@@ -249,7 +250,7 @@ def main() -> None:
     base_features = extractor(base_samples)
     style_base = style_adherence(extractor, base_samples, captions)
 
-    stem = RESULTS / f"table_{Path(args.model).name}{'_quick' if args.quick else ''}"
+    stem = args.results / f"table_{Path(args.model).name}{'_quick' if args.quick else ''}"
     settings = {"num_images": args.num_images, "steps": args.steps, "seed": args.seed}
     kept = [r for r in read_rows(stem.with_suffix(".csv")) if r["size"] not in args.sizes
             and all(r.get(k) == v for k, v in settings.items())]

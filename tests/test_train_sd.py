@@ -186,7 +186,7 @@ def test_v3_model_card_records_the_run_and_the_shipped_banks(tmp_path: Path, vae
     import shutil
 
     from selfcascade import embedded_sd
-    from selfcascade.model_card import SAMPLES_PNG, SAMPLES_TRAIN_PNG, write_model_card
+    from selfcascade.model_card import MEASURED_MD, SAMPLES_PNG, SAMPLES_TRAIN_PNG, write_model_card
     from selfcascade.train_upsamplers import save_bank
     from selfcascade.upsamplers import UpsamplerBank
 
@@ -198,7 +198,10 @@ def test_v3_model_card_records_the_run_and_the_shipped_banks(tmp_path: Path, vae
     bank = UpsamplerBank.for_unet(embedded_sd.build_sd_unet(TINY_UNET), scale=4.0, train_size=[64, 64],
                                   tuned_from="banks/bank-32")
     save_bank(bank, shipped / "banks" / "bank-64", step=7)
+    assert "## Measured" not in write_model_card(shipped, captions=["red apple"], steps=1).read_text()
+    (shipped / MEASURED_MD).write_text("| concept top-5 | 25% |\n")
     text = write_model_card(shipped, captions=["red apple, fruit, noto style"], steps=1).read_text()
+    assert "## Measured\n\n| concept top-5 | 25% |" in text
     params = sum(p.numel() for p in bank.parameters())
     assert f"`banks/bank-64`: 32 -> 64 px, 7 steps, tuned on from `bank-32`, {params:,} parameters, K 700" in text
     assert "2 steps at batch 4" in text

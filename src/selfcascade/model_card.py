@@ -49,6 +49,7 @@ SAMPLES_TRAIN_PNG = "samples-train.png"
 MOTION_WORDS = ("moving right", "spinning clockwise", "bouncing", "moving up and left")
 SAMPLES_PNG = "samples.png"
 SAMPLES_GIF = "samples.gif"
+MEASURED_MD = "measured.md"  # v3: measurements and their commands, written by whoever ran them
 
 
 def sample_grid(model_dir: Path, captions: Sequence[str] = HELD_OUT_CAPTIONS, seeds: Sequence[int] = (0, 1, 2, 3),
@@ -148,8 +149,10 @@ def bank_rows(model_dir: Path) -> list[str]:
     return rows
 
 
-def sd_card_text(state: dict, sampling: dict, parameters: int, steps: int = 50, banks: Sequence[str] = ()) -> str:
-    """The v3 card: a tiny Stable Diffusion; numbers from the run's ``train_state.json``."""
+def sd_card_text(state: dict, sampling: dict, parameters: int, steps: int = 50, banks: Sequence[str] = (),
+                 measured: str | None = None) -> str:
+    """The v3 card: a tiny Stable Diffusion; numbers from the run's ``train_state.json``, measurements (with the
+    commands that made them) from the folder's ``measured.md`` when it has one."""
     unet, previous = state["unet_config"], state.get("init_from", {})
     zoom = (f"; {state['zoom_prob']:.0%} of each batch are 128 px windows of the "
             f"{'/'.join(f'{f}x' for f in state['zoom_factors'])} renders ({state['zoom_count']:,} per zoom), their "
@@ -184,8 +187,9 @@ def sd_card_text(state: dict, sampling: dict, parameters: int, steps: int = 50, 
         f"| sampling defaults | K {sampling.get('K', 700)}, {guidance} (`selfcascade.json`) |",
         *([f"| banks (tuned mode) | {'; '.join(banks)}; the base model frozen, train split only |"] if banks else []),
         "| licence | code Apache-2.0; weights inherit the artwork licences (CC BY-SA 4.0, CC BY 4.0, Apache-2.0, MIT) |",
-        "", "Measured (prompt adherence and FID at the base size, the scale cue, the cascade at 4x to 64x pixels, with "
-        "the commands that reproduce them): `benchmarks/results/v3/` in the selfcascade repository.",
+        *(["", "## Measured", "", measured.strip()] if measured else []),
+        "", "Measurements in full (prompt adherence and FID at the base size, the scale cue, the cascade at 4x to 64x "
+        "pixels, with the commands that reproduce them): `benchmarks/results/v3/` in the selfcascade repository.",
         "", f"![train-split captions]({SAMPLES_TRAIN_PNG})", "",
         f"`{SAMPLES_TRAIN_PNG}`: train-split captions (concepts trained on, new seeds 0-3); `{SAMPLES_PNG}` below: "
         f"held-out captions (concepts in the eval split, never trained on). Base size, {steps} DDIM steps, default "
@@ -210,7 +214,9 @@ def write_model_card(model_dir: str | os.PathLike, captions: Sequence[str] = HEL
         save_png(sample_grid(model_dir, captions, steps=steps, cell=128), model_dir / SAMPLES_PNG)
         readme = model_dir / "README.md"
         with atomic_path(readme) as tmp:
-            tmp.write_text(sd_card_text(state, sampling, parameters, steps, bank_rows(model_dir)))
+            measured = model_dir / MEASURED_MD
+            tmp.write_text(sd_card_text(state, sampling, parameters, steps, bank_rows(model_dir),
+                                        measured.read_text() if measured.is_file() else None))
         return readme
     info_path = model_dir / "selfcascade_model.json"
     if not info_path.is_file():

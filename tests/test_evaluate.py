@@ -349,6 +349,22 @@ def test_fill_set_peak_memory_only_for_images_generated_on_a_gpu(tmp_path: Path,
     assert evaluate_module.mib(499.6) == "500" and evaluate_module.mib(None) == "n/a"
 
 
+def test_window_attention_reaches_the_cascade_and_keeps_its_own_cache(tmp_path: Path) -> None:
+    class Recording(_FakeCascade):
+        def __call__(self, prompts, height, width, seed, **kwargs):
+            self.window = kwargs["window_attention"]
+            return super().__call__(prompts, height, width, seed, **kwargs)
+
+    plain = GenerationSpec(model="fake", mode="tuned", size=8, steps=1, guidance=1.0, seed=0)
+    windowed = GenerationSpec(model="fake", mode="tuned", size=8, steps=1, guidance=1.0, seed=0, window_attention=True)
+    assert "window_attention" not in plain.settings()  # folders cached before the option existed still match
+    cascade = Recording("cpu")
+    fill_set(cascade, windowed, ["a"], tmp_path / "set", batch_size=1, progress=False)
+    assert cascade.window is True
+    with pytest.raises(ValueError, match="other settings"):
+        fill_set(cascade, plain, ["a"], tmp_path / "set", batch_size=1, progress=False)
+
+
 def test_generated_dir_errors(tmp_path: Path, fake_cache: Path, extractor_dir: Path) -> None:
     common = ["--base-size", "32", "--features", "emoji", "--feature-weights", str(extractor_dir),
               "--cache-dir", str(fake_cache), "--out", str(tmp_path / "eval")]

@@ -389,7 +389,7 @@ def test_image_is_upscaled_in_place_of_stage0(sd):
         sd(PROMPT, 64, 64, seed=0, mode="direct", image=image, **FAST)
 
 
-def test_weights_fingerprint_follows_the_unet_and_the_banks(tiny_sd_fresh):
+def test_weights_fingerprint_follows_the_unet_the_vae_and_the_banks(tiny_sd_fresh):
     cascade = SelfCascadePipeline.from_pipe(tiny_sd_fresh)
     bank = UpsamplerBank.for_unet(cascade.backbone.unet)
     before = cascade.weights_fingerprint(64, 64)
@@ -401,7 +401,11 @@ def test_weights_fingerprint_follows_the_unet_and_the_banks(tiny_sd_fresh):
     assert cascade.weights_fingerprint(64, 64, "tuned", bank) != tuned
     with torch.no_grad():
         cascade.backbone.unet.conv_out.weight.add_(1e-3)  # one small training-like step on a layer
-    assert cascade.weights_fingerprint(64, 64) != before
+    moved = cascade.weights_fingerprint(64, 64)
+    assert moved != before
+    with torch.no_grad():
+        cascade.backbone.vae.decoder.conv_out.weight.add_(1e-3)  # a decoder fine-tune
+    assert cascade.weights_fingerprint(64, 64) != moved
 
 
 # ------------------------------------------------------------------- a model folder's own settings

@@ -242,10 +242,13 @@ class SelfCascadePipeline:
 
     def weights_fingerprint(self, height: int, width: int, mode: Mode = "tuning-free",
                             upsamplers: Upsamplers | None = None) -> str:
-        """A short digest of the weights a call with these settings runs (the UNet, and tuned mode's banks), so
-        caches of generated images never serve images of other weights. Every tensor is sampled sparsely: cheap
-        for billion-parameter UNets, yet any training step (which moves nearly every weight) changes it."""
+        """A short digest of the weights a call with these settings runs (the UNet, the VAE that decodes it, and
+        tuned mode's banks), so caches of generated images never serve images of other weights. Every tensor is
+        sampled sparsely: cheap for billion-parameter UNets, yet any training step (which moves nearly every weight)
+        changes it."""
         modules = [self.backbone.unet]
+        if getattr(self.backbone, "vae", None) is not None:  # another VAE (`--vae`, a fine-tuned decoder) decodes others
+            modules.append(self.backbone.vae)
         if mode == "tuned":
             modules += [b for b in self._stage_banks(upsamplers, self.plan(height, width, mode)) if b is not None]
         digest = hashlib.sha1()

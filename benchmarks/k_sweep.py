@@ -11,6 +11,7 @@ so a metric that cannot see a broken face is checked by eye. Writes
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -48,6 +49,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "images" / "k-scan.png")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results",
+                        help="folder of k_sweep_<model>.{md,csv}")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -71,15 +74,16 @@ def main() -> None:
             print(rows[-1], flush=True)
 
     name = Path(args.model).name
+    figure_link = os.path.relpath(args.figure.resolve(), args.results.resolve())
     lines = [f"# The tuning-free cascade at several K on the `{name}` model", "",
              f"Device: {device_name(args.threads)}. {args.num_images} eval-split captions, {args.steps} DDIM steps, "
              f"{args.num_real} real renders per size, features `{extractor.name}`; the model's default K is "
              f"{pipe.backbone.default_k}. Lower is better. Command: `python benchmarks/k_sweep.py --model {args.model} "
              f"--sizes {' '.join(map(str, args.sizes))} --ks {' '.join(map(str, args.ks))} --num-images {args.num_images} "
-             f"--steps {args.steps}`. Figure: [{args.figure.name}](../../docs/images/{args.figure.name}).", "",
+             f"--steps {args.steps}`. Figure: [{args.figure.name}]({figure_link}).", "",
              "| size | K | FID_r | pFID_r | FID_b | SWD x1e3 |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['size']} | {r['K']} | {r['FID_r']} | {r['pFID_r']} | {r['FID_b']} | {r['SWD_x1e3']} |" for r in rows]
-    write_results(ROOT / "benchmarks" / "results" / f"k_sweep_{name}", rows, lines)
+    write_results(args.results / f"k_sweep_{name}", rows, lines)
 
     scan_figure(pipe, max(args.sizes), args.ks, args.steps, args.figure)
 

@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "images" / "k-scan.png")
+    parser.add_argument("--pivot-space", choices=["latent", "pixel"], default="latent",
+                        help="how pivots are upsampled (pixel: decode, resize, encode; results get a _pixel suffix)")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results",
                         help="folder of k_sweep_<model>.{md,csv}")
     args = parser.parse_args()
@@ -67,7 +69,7 @@ def main() -> None:
     for size in args.sizes:
         reference = make_reference(extractor, emoji_renders(cache_dir, reference_records, size), base, 4, args.seed)
         for k in args.ks:
-            fake = generate(pipe, captions, size, "tuning-free", args.steps, K=k)
+            fake = generate(pipe, captions, size, "tuning-free", args.steps, K=k, pivot_space=args.pivot_space)
             metrics = score(extractor, fake, reference, base_features, base, 4, args.seed)
             rows.append({"size": size, "K": k, **{m: round(metrics[m], 2) for m in ("FID_r", "pFID_r", "FID_b", "SWD_x1e3")},
                          "n_gen": metrics["n_gen"], "default_K": pipe.backbone.default_k})
@@ -75,26 +77,28 @@ def main() -> None:
 
     name = Path(args.model).name
     figure_link = os.path.relpath(args.figure.resolve(), args.results.resolve())
-    lines = [f"# The tuning-free cascade at several K on the `{name}` model", "",
+    lines = [f"# The tuning-free cascade at several K on the `{name}` model ({args.pivot_space} pivots)", "",
              f"Device: {device_name(args.threads)}. {args.num_images} eval-split captions, {args.steps} DDIM steps, "
              f"{args.num_real} real renders per size, features `{extractor.name}`; the model's default K is "
              f"{pipe.backbone.default_k}. Lower is better. Command: `python benchmarks/k_sweep.py --model {args.model} "
              f"--sizes {' '.join(map(str, args.sizes))} --ks {' '.join(map(str, args.ks))} --num-images {args.num_images} "
-             f"--steps {args.steps}`. Figure: [{args.figure.name}]({figure_link}).", "",
+             f"--steps {args.steps} --pivot-space {args.pivot_space}`. Figure: [{args.figure.name}]({figure_link}).", "",
              "| size | K | FID_r | pFID_r | FID_b | SWD x1e3 |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['size']} | {r['K']} | {r['FID_r']} | {r['pFID_r']} | {r['FID_b']} | {r['SWD_x1e3']} |" for r in rows]
-    write_results(args.results / f"k_sweep_{name}", rows, lines)
+    suffix = "_pixel" if args.pivot_space == "pixel" else ""
+    write_results(args.results / f"k_sweep_{name}{suffix}", rows, lines)
 
-    scan_figure(pipe, max(args.sizes), args.ks, args.steps, args.figure)
+    scan_figure(pipe, max(args.sizes), args.ks, args.steps, args.figure, args.pivot_space)
 
 
-def scan_figure(pipe: SelfCascadePipeline, size: int, ks: list[int], steps: int, path: Path) -> None:
+def scan_figure(pipe: SelfCascadePipeline, size: int, ks: list[int], steps: int, path: Path,
+                pivot_space: str = "latent") -> None:
     """Every stage of the tuning-free cascade for a few held-out captions (seed 0), one row per caption and K."""
     cells, labels = [], []
     for caption in FIGURE_CAPTIONS:
         for k in ks:
             out = pipe(caption, size, size, mode="tuning-free", num_inference_steps=steps, seed=0, K=k,
-                       return_stages=True, progress=False)
+                       pivot_space=pivot_space, return_stages=True, progress=False)
             cells.append([stage[0] for stage in out.stages])
             labels.append(f"{caption.split(',')[0]}, K={k}")
     sides = [f"{h} px" for h, _ in pipe.plan(size, size, "tuning-free").stages]

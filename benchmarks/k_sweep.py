@@ -92,7 +92,7 @@ def main() -> None:
 
 
 def scan_figure(pipe: SelfCascadePipeline, size: int, ks: list[int], steps: int, path: Path,
-                pivot_space: str = "latent") -> None:
+                pivot_space: str) -> None:
     """Every stage of the tuning-free cascade for a few held-out captions (seed 0), one row per caption and K."""
     cells, labels = [], []
     for caption in FIGURE_CAPTIONS:

@@ -101,6 +101,7 @@ def main() -> None:
     named = [m.split("=", 1) if "=" in m else (m, m) for m in args.model]
     sweep = args.guidance or [None]
     models = [(label if g is None else f"{label} g={g:g}", path, g) for label, path in named for g in sweep]
+    cascades = {path: SelfCascadePipeline.from_pretrained(path, device="cpu") for _, path in named}  # once per model
     rows, grids = [], []
     for split in args.splits:
         chosen = pick_records(records, split, args.count, args.seed)
@@ -110,9 +111,8 @@ def main() -> None:
                      **score(net, labels, extractor, real, real, chosen), "fid": None})
         samples = {}
         for label, path, guidance in models:
-            cascade = SelfCascadePipeline.from_pretrained(path, device="cpu")
             t0 = time.perf_counter()
-            images = sample(cascade, captions, args.steps, args.first_seed, args.batch, guidance)
+            images = sample(cascades[path], captions, args.steps, args.first_seed, args.batch, guidance)
             seconds = (time.perf_counter() - t0) / len(captions)
             samples[label] = images
             rows.append({"split": split, "model": label, "steps": args.steps, "s_per_image": seconds,

@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from selfcascade.data.emoji import slug
+
 RESULTS = Path(__file__).resolve().parent / "results" / "v3"
 VARIANTS: dict[str, list[str]] = {
     "shipped": [],
@@ -27,10 +29,6 @@ VARIANTS: dict[str, list[str]] = {
     "no min-SNR": ["--min-snr-gamma", "0"],
     "lr 1e-4": ["--lr", "1e-4"],
 }
-
-
-def slug(name: str) -> str:
-    return name.replace(" ", "-").lower()
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from selfcascade import train_sd, train_vae
+from selfcascade.model_card import sd_card_text
 
 TINY_UNET = {"block_out_channels": [16, 16, 16, 16], "norm_num_groups": 8, "sample_size": 4}
 
@@ -171,12 +172,19 @@ def test_init_from_continues_shipped_weights_and_counts_their_steps(tmp_path: Pa
     train_sd.train(_args(first, vae_dir, "--max-steps", "3"), data)
     shipped = train_sd.ship_run(first, tmp_path / "shipped")
     state = train_sd.train(_args(tmp_path / "second", vae_dir, "--max-steps", "0", "--init-from", str(shipped)), data)
-    assert state["init_from"] == {"path": str(shipped), "steps": 3, "seconds": pytest.approx(state["init_from"]["seconds"])}
+    assert state["init_from"] == {"path": str(shipped), "steps": 3, "prediction_type": "epsilon",
+                                  "seconds": pytest.approx(state["init_from"]["seconds"])}
     shipped_unet = load_file(str(shipped / "unet" / "diffusion_pytorch_model.safetensors"))
     started = load_file(str(tmp_path / "second" / "checkpoint" / "model.safetensors"))
     assert all(torch.equal(started[k], shipped_unet[k].float()) for k in shipped_unet)
-    again = train_sd.ship_run(tmp_path / "second", tmp_path / "again")
-    assert json.loads((again / "train_state.json").read_text())["init_from"]["steps"] == 3
+    # a continuation may change the objective; the card says what the earlier steps optimised
+    train_sd.train(_args(tmp_path / "v", vae_dir, "--max-steps", "1", "--init-from", str(shipped),
+                         "--prediction-type", "v_prediction"), data)
+    again = train_sd.ship_run(tmp_path / "v", tmp_path / "again")
+    summary = json.loads((again / "train_state.json").read_text())
+    assert summary["init_from"]["steps"] == 3 and summary["prediction_type"] == "v_prediction"
+    card = sd_card_text(summary, {}, parameters=1)
+    assert "4 steps at batch 4" in card and "earlier run of 3 steps" in card and "epsilon prediction)" in card
     with pytest.raises(ValueError, match="another UNet layout"):
         train_sd.train(_args(tmp_path / "third", vae_dir, "--max-steps", "0", "--init-from", str(shipped),
                              "--unet-config", json.dumps({**TINY_UNET, "block_out_channels": [16, 16, 16, 32]})), data)

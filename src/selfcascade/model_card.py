@@ -181,7 +181,10 @@ def sd_card_text(state: dict, sampling: dict, parameters: int, steps: int = 50, 
         f"| training | {state['train_steps'] + previous.get('steps', 0):,} steps at batch {state['batch_size']}, AdamW lr "
         f"{state['lr']:g} (warm-up {state['warmup']}), EMA {state['ema_decay']:g} (exported)"
         + (f"; the last {state['train_steps']:,} continue from the weights of an earlier run of "
-           f"{previous['steps']:,} steps ({previous['seconds'] / 3600:.1f} h)" if previous else "") + " |",
+           f"{previous['steps']:,} steps ({previous['seconds'] / 3600:.1f} h"
+           + (f", {previous['prediction_type']} prediction"
+              if previous.get("prediction_type", state["prediction_type"]) != state["prediction_type"] else "")
+           + ")" if previous else "") + " |",
         f"| wall time | {(state['train_seconds'] + previous.get('seconds', 0)) / 3600:.1f} h of training in all, the last "
         f"{state['train_seconds'] / 3600:.1f} h on {state.get('hardware', 'unrecorded hardware')} |",
         f"| sampling defaults | K {sampling.get('K', 700)}, {guidance} (`selfcascade.json`) |",

@@ -118,8 +118,11 @@ def prior_training(folder: Path) -> dict:
     summary_file = folder / "train_state.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     previous = summary.get("init_from") or {}  # null: the source started from scratch
-    return {"path": str(folder), "steps": summary.get("train_steps", 0) + previous.get("steps", 0),
-            "seconds": summary.get("train_seconds", 0) + previous.get("seconds", 0)}
+    prior = {"path": str(folder), "steps": summary.get("train_steps", 0) + previous.get("steps", 0),
+             "seconds": summary.get("train_seconds", 0) + previous.get("seconds", 0)}
+    if "prediction_type" in summary:  # a continuation may change the objective (the v3 UNet did)
+        prior["prediction_type"] = summary["prediction_type"]
+    return prior
 
 
 def check_resume(state: Mapping, settings: Mapping, run_dir: Path, ignore: tuple[str, ...] = ()) -> None:

@@ -5,13 +5,14 @@
 Two protocols on the held-out emoji motion clips (``selfcascade data clips --split eval``: emoji never
 used in training, each moved by a known affine):
 
-* **upscale** (ground-truth motion): every method gets the real 32 px clip as its stage-0 result
-  (``image=``) and makes the 64 px clip. Then the true motion is known, so the *warping error* (mean
+* **upscale** (ground-truth motion): every method gets the real clip at the video model's base size (32 px
+  for v2's pixel-space model, 128 px for v3's sibling) as its stage-0 result (``image=``) and makes the clip at
+  twice that side. Then the true motion is known, so the *warping error* (mean
   |warp(frame t) - frame t+1| under the true motion, lower = moves as it should, no flicker) is exact;
-  beside it the plain frame difference and the L1 error to the real 64 px clip. Rows: bilinear
+  beside it the plain frame difference and the L1 error to the real clip at that size. Rows: bilinear
   upsampling (no model), the video model's tuning-free and tuned cascade, and the *image* model's
   tuned cascade applied to each frame alone (super-resolving frames, which the paper compares with).
-* **generate** (text only): the captions of the same clips, generated at 64 px by direct inference,
+* **generate** (text only): the captions of the same clips, generated at twice the base side by direct inference,
   tuning-free and tuned. No ground truth exists, so only motion-free numbers: frame difference and the
   cosine similarity of consecutive frames' features (``selfcascade.metrics.features``, emoji CNN).
 
@@ -48,7 +49,7 @@ def load_eval_clips(size: int, count: int, frames: int) -> tuple[torch.Tensor, l
     metas = sorted(folder.glob("*.json"))[:count]
     if len(metas) < count:
         raise FileNotFoundError(f"{len(metas)} eval clips at {size} px in {folder}; make them with "
-                                f"`selfcascade data clips --split eval --sizes 32 64 --count {count}`.")
+                                f"`selfcascade data clips --split eval --sizes {size // 2} {size} --count {count}`.")
     clips = [np.stack([np.asarray(f.convert("RGB")) for f in read_clip_frames(m.with_suffix(""), frames)]) for m in metas]
     pixels = torch.from_numpy(np.stack(clips)).permute(0, 4, 1, 2, 3).float() / 255
     captions = [json.loads(m.read_text())["caption"] for m in metas]
@@ -69,13 +70,17 @@ def feature_consistency(extractor, clip: torch.Tensor) -> float:
 def run(args: argparse.Namespace) -> list[dict]:
     video = SelfCascadePipeline.from_pretrained(args.model)
     image = SelfCascadePipeline.from_pretrained(args.image_model)
-    frames = video.backbone.default_num_frames
-    low, captions, motions = load_eval_clips(32, args.num_clips, frames)
-    high, _, _ = load_eval_clips(64, args.num_clips, frames)
+    frames, base = video.backbone.default_num_frames, video.backbone.base_size[0]
+    if image.backbone.base_size[0] != base:
+        raise ValueError(f"--image-model {args.image_model} samples at {image.backbone.base_size[0]} px, the video model "
+                         f"at {base} px: give the image model the video model was inflated from.")
+    args.base, size = base, 2 * base  # the protocols upscale base -> 2 x base
+    low, captions, motions = load_eval_clips(base, args.num_clips, frames)
+    high, _, _ = load_eval_clips(size, args.num_clips, frames)
     extractor = load_features("emoji")
     common = dict(num_inference_steps=args.steps, output_type="pt", progress=False)
     modes = {"tuning-free": {}}
-    if args.bank or video.backbone.default_banks([(64, 64)]):
+    if args.bank or video.backbone.default_banks([(size, size)]):
         modes["tuned"] = {"upsamplers": args.bank}
     else:
         print(f"{args.model} has no shipped banks and no --bank was given: no tuned rows")
@@ -95,20 +100,20 @@ def run(args: argparse.Namespace) -> list[dict]:
         shown[f"{protocol}/{method}"] = clips[: args.show]
         print(row, flush=True)
 
-    record("upscale", "real 64 px", high, 0.0)
+    record("upscale", f"real {size} px", high, 0.0)
     start = time.perf_counter()
-    bilinear = torch.nn.functional.interpolate(low.transpose(1, 2).flatten(0, 1), size=(64, 64), mode="bilinear",
+    bilinear = torch.nn.functional.interpolate(low.transpose(1, 2).flatten(0, 1), size=(size, size), mode="bilinear",
                                                align_corners=False).unflatten(0, (len(low), frames)).transpose(1, 2)
     record("upscale", "bilinear", bilinear.clamp(0, 1), time.perf_counter() - start)
     for mode, extra in modes.items():
         start, outs = time.perf_counter(), []
         for i, caption in enumerate(captions):
-            outs.append(frames_of(video(caption, 64, 64, mode=mode, image=low[i : i + 1], seed=args.seed + i,
+            outs.append(frames_of(video(caption, size, size, mode=mode, image=low[i : i + 1], seed=args.seed + i,
                                         **extra, **common)))
         record("upscale", f"video model, {mode}", torch.cat(outs), time.perf_counter() - start)
     start, outs = time.perf_counter(), []
     for i, caption in enumerate(captions):  # each frame upscaled alone by the image model: independent noise
-        out = image([caption] * frames, 64, 64, mode="tuned", image=low[i].transpose(0, 1), seed=args.seed + i * frames,
+        out = image([caption] * frames, size, size, mode="tuned", image=low[i].transpose(0, 1), seed=args.seed + i * frames,
                     **common).images
         outs.append(out.transpose(0, 1)[None])
     record("upscale", "image model per frame, tuned", torch.cat(outs), time.perf_counter() - start)
@@ -116,7 +121,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     for mode, extra in {"direct": {}, **modes}.items():
         start, outs = time.perf_counter(), []
         for i, caption in enumerate(captions):
-            outs.append(frames_of(video(caption, 64, 64, mode=mode, seed=args.seed + i, **extra, **common)))
+            outs.append(frames_of(video(caption, size, size, mode=mode, seed=args.seed + i, **extra, **common)))
         record("generate", f"video model, {mode}", torch.cat(outs), time.perf_counter() - start)
     write(rows, shown, args)
     return rows
@@ -125,10 +130,11 @@ def run(args: argparse.Namespace) -> list[dict]:
 def write(rows: list[dict], shown: dict[str, torch.Tensor], args: argparse.Namespace) -> None:
     stem = RESULTS / f"video_{Path(args.model).name}"
     lines = [
-        f"# Video self-cascade at 4x pixels ({args.model}, 32 -> 64 px)", "",
+        f"# Video self-cascade at 4x pixels ({args.model}, {args.base} -> {2 * args.base} px)", "",
         f"Device: {device_name(args.threads)}; torch {torch.__version__}. {args.num_clips} held-out emoji motion clips "
         f"(eval split), {args.steps} DDIM steps, the models' default guidance and K, seeds from {args.seed}. "
-        f"Command: `python benchmarks/eval_video.py --num-clips {args.num_clips} --steps {args.steps}`. "
+        f"Command: `python benchmarks/eval_video.py --model {args.model} --image-model {args.image_model} "
+        f"--num-clips {args.num_clips} --steps {args.steps}`. "
         "Warping error and L1 in [0, 1] pixel units (lower is better); feature consistency: cosine similarity "
         "of consecutive frames' emoji-CNN features (higher is steadier). See the script's docstring for the protocols.", "",
         "| protocol | method | clips | warping error | frame difference | feature consistency | L1 to real | s / clip |",
@@ -139,16 +145,18 @@ def write(rows: list[dict], shown: dict[str, torch.Tensor], args: argparse.Names
     lines += ["", f"Clips (rows: methods as above; columns: the first {args.show} clips): ![clips]({stem.name}.gif)"]
     write_results(stem, rows, lines)
     # One GIF: a grid with a row per method and a column per clip, frame by frame.
-    grid = torch.stack([torch.cat(list(clips), dim=-1) for clips in shown.values()])  # [M, 3, F, 64, show*64]
-    grid = torch.cat(list(grid), dim=-2)  # [3, F, M*64, show*64]
+    grid = torch.stack([torch.cat(list(clips), dim=-1) for clips in shown.values()])  # [M, 3, F, S, show*S]
+    grid = torch.cat(list(grid), dim=-2)  # [3, F, M*S, show*S]
     save_video([Image.fromarray((f.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
                 for f in grid.transpose(0, 1)], stem.with_suffix(".gif"), fps=4)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="embedded-video", help="video model (pixel space, clips of 32 px)")
-    parser.add_argument("--image-model", default="embedded", help="image model for the per-frame baseline")
+    parser.add_argument("--model", default="embedded-video", help="video model (default: v2's pixel-space one, 32 px)")
+    parser.add_argument("--image-model", default="embedded-v2",
+                        help="image model of the video model's base size, for the per-frame baseline (default: v2's; "
+                             "for a v3 video folder: embedded)")
     parser.add_argument("--bank", default=None, help="upsampler bank for the tuned rows (default: the model's shipped ones)")
     parser.add_argument("--num-clips", type=int, default=32)
     parser.add_argument("--steps", type=int, default=25)

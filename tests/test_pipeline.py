@@ -441,3 +441,30 @@ def test_model_folder_settings_and_scale_cue(tmp_path):
     bb.zoom_cue = None  # a cue can be switched off per pipeline
     np.testing.assert_allclose(cued(PROMPT, 64, 64, seed=0, output_type="np", **FAST, **kwargs).images, a.images,
                                atol=1e-6)
+
+
+def test_model_folder_pivot_space_is_the_cascade_default(tmp_path):
+    """``"pivot_space": "pixel"`` in ``selfcascade.json`` makes the cascade modes upsample pivots in pixels unless
+    the caller says otherwise; other modes keep their own; a bad value is refused naming the file; caches keyed by
+    ``weights_fingerprint`` see the change."""
+    import json
+
+    from selfcascade.testing import save_tiny_sd
+
+    folder = save_tiny_sd(tmp_path / "pipe")
+    latent = SelfCascadePipeline.from_pretrained(folder, device="cpu")
+    (folder / "selfcascade.json").write_text(json.dumps({"pivot_space": "pixel"}))
+    pixel = SelfCascadePipeline.from_pretrained(folder, device="cpu")
+    assert pixel.backbone.model_settings()["pivot_space"] == "pixel" and "pivot_space" not in latent.backbone.model_settings()
+    assert pixel.weights_fingerprint(64, 64) != latent.weights_fingerprint(64, 64)
+    bank = UpsamplerBank.for_unet(latent.backbone.unet)
+    for mode, extra in (("tuning-free", {}), ("tuned", {"upsamplers": bank})):
+        out = pixel(PROMPT, 64, 64, seed=0, mode=mode, output_type="np", **extra, **FAST)
+        assert out.settings["pivot_space"] == "pixel"
+        by_hand = latent(PROMPT, 64, 64, seed=0, mode=mode, output_type="np", pivot_space="pixel", **extra, **FAST)
+        np.testing.assert_allclose(out.images, by_hand.images, atol=1e-6)
+    assert pixel(PROMPT, 64, 64, seed=0, output_type="np", pivot_space="latent", **FAST).settings["pivot_space"] == "latent"
+    assert pixel(PROMPT, 64, 64, seed=0, mode="demofusion", output_type="np", **FAST).settings["pivot_space"] == "latent"
+    (folder / "selfcascade.json").write_text(json.dumps({"pivot_space": "pixels"}))
+    with pytest.raises(ValueError, match="selfcascade.json: pivot_space must be 'latent' or 'pixel'"):
+        SelfCascadePipeline.from_pretrained(folder, device="cpu")

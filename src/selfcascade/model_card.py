@@ -187,7 +187,8 @@ def sd_card_text(state: dict, sampling: dict, parameters: int, steps: int = 50, 
            + ")" if previous else "") + " |",
         f"| wall time | {(state['train_seconds'] + previous.get('seconds', 0)) / 3600:.1f} h of training in all, the last "
         f"{state['train_seconds'] / 3600:.1f} h on {state.get('hardware', 'unrecorded hardware')} |",
-        f"| sampling defaults | K {sampling.get('K', 700)}, {guidance} (`selfcascade.json`) |",
+        f"| sampling defaults | K {sampling.get('K', 700)}, {sampling.get('pivot_space', 'latent')} pivots, {guidance} "
+        "(`selfcascade.json`) |",
         *([f"| banks (tuned mode) | {'; '.join(banks)}; the base model frozen, train split only |"] if banks else []),
         "| licence | code Apache-2.0; weights inherit the artwork licences (CC BY-SA 4.0, CC BY 4.0, Apache-2.0, MIT) |",
         *(["", "## Measured", "", measured.strip()] if measured else []),

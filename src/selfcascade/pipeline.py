@@ -243,7 +243,8 @@ class SelfCascadePipeline:
     def weights_fingerprint(self, height: int, width: int, mode: Mode = "tuning-free",
                             upsamplers: Upsamplers | None = None) -> str:
         """A short digest of the weights a call with these settings runs (the UNet, the VAE that decodes it, and
-        tuned mode's banks), so caches of generated images never serve images of other weights. Every tensor is
+        tuned mode's banks) and of the model's sampling defaults (``selfcascade.json``: K, pivot space, guidance,
+        scale cue), so caches of generated images never serve images of other weights or defaults. Every tensor is
         sampled sparsely: cheap for billion-parameter UNets, yet any training step (which moves nearly every weight)
         changes it."""
         modules = [self.backbone.unet]
@@ -251,7 +252,7 @@ class SelfCascadePipeline:
             modules.append(self.backbone.vae)
         if mode == "tuned":
             modules += [b for b in self._stage_banks(upsamplers, self.plan(height, width, mode)) if b is not None]
-        digest = hashlib.sha1()
+        digest = hashlib.sha1(json.dumps(self.backbone.model_settings(), sort_keys=True).encode())
         for module in modules:
             for name, tensor in module.state_dict().items():
                 flat = tensor.detach().flatten()
@@ -437,8 +438,8 @@ class SelfCascadePipeline:
         K (or ``noise_level`` = K/T) is how far each pivot is diffused back before it is denoised at
         the next size: higher keeps less of the pivot and invents more detail (paper: K=700 of 1000).
         ``guidance_scale`` (default: the model's own, 7.5 for SD) may be a list with one value per stage.
-        ``pivot_space``: "latent" (default, the paper) or "pixel" (decode, bicubic resize, encode; the
-        default of mode="hires-fix").
+        ``pivot_space``: "latent" (the paper) or "pixel" (decode, bicubic resize, encode; the default of
+        mode="hires-fix"); the cascade's default is the model's own (``selfcascade.json``), else "latent".
         ``strength`` (mode="hires-fix" only, default 0.55): the img2img strength; K = strength * T.
         ``seed`` gives image i the seed ``seed + i`` (or pass one seed per image), so any image can be
         regenerated alone. ``generator`` (instead of seed, as in diffusers): one ``torch.Generator`` for the batch
@@ -489,7 +490,8 @@ class SelfCascadePipeline:
                 raise ValueError(f"mode={mode!r} re-noises every stage fully (K = T); it takes no K or noise_level.")
             k = (num_train_timesteps if mode in FULL_SCHEDULE_RIVALS
                  else resolve_k(num_train_timesteps, K, noise_level, default=bb.default_k))
-            pivot_space = pivot_space or RIVAL_PIVOT_SPACE.get(mode, "latent")
+            pivot_space = pivot_space or RIVAL_PIVOT_SPACE.get(
+                mode, bb.pivot_space if mode in ("tuning-free", "tuned") else "latent")
         guidance = (bb.stage_guidance(plan.num_stages) if guidance_scale is None
                     else self._guidance(guidance_scale, plan.num_stages))
         num_prompts = len(prompts) if prompts is not None else prompt_embeds.shape[0]

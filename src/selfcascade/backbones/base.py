@@ -21,7 +21,8 @@ from ..schedule import matched_k
 
 
 #: Sampling defaults a model folder can carry beside its weights (a stock diffusers folder ignores the file):
-#: ``guidance_scale``, ``refine_guidance_scale``, ``K``, ``zoom_cue``, ``zoom_factors`` (see ``Backbone``).
+#: ``guidance_scale``, ``refine_guidance_scale``, ``K``, ``pivot_space``, ``zoom_cue``, ``zoom_factors`` (see
+#: ``Backbone``).
 MODEL_SETTINGS_FILE = "selfcascade.json"
 #: Feature-upsampler banks tuned on a model (``<model>/banks/<name>/``), tuned mode's default.
 BANKS_DIR = "banks"
@@ -84,6 +85,9 @@ class Backbone:
     default_num_frames: int | None = None
     #: K when the caller gives none, chosen by measurement for this model (None: the paper's K by signal level).
     sampling_k: int | None = None
+    #: How the cascade upsamples pivots when the caller does not say: "latent" (the paper) or "pixel" (decode,
+    #: resize, encode), chosen by measurement for this model.
+    pivot_space: str = "latent"
     #: The scale cue the model was trained with (e.g. ``"{prompt}, {zoom}x zoom"``), or None: every stage above
     #: the base size then gets the cue of its zoom (the nearest of ``zoom_factors``) after the prompt.
     zoom_cue: str | None = None
@@ -124,6 +128,11 @@ class Backbone:
             self.default_refine_guidance_scale = float(settings["refine_guidance_scale"])
         if settings.get("K") is not None:
             self.sampling_k = int(settings["K"])
+        if settings.get("pivot_space") is not None:
+            if settings["pivot_space"] not in ("latent", "pixel"):
+                raise ValueError(f"{settings_file}: pivot_space must be 'latent' or 'pixel', got "
+                                 f"{settings['pivot_space']!r}.")
+            self.pivot_space = settings["pivot_space"]
         if settings.get("zoom_cue"):
             self.zoom_cue = str(settings["zoom_cue"])
             self.zoom_factors = tuple(int(z) for z in settings.get("zoom_factors", (2, 4)))
@@ -131,7 +140,8 @@ class Backbone:
     def model_settings(self) -> dict[str, Any]:
         """The sampling defaults ``use_model_folder`` reads, as ``selfcascade.json`` holds them (unset ones left out)."""
         settings = {"guidance_scale": self.default_guidance_scale, "refine_guidance_scale": self.default_refine_guidance_scale,
-                    "K": self.sampling_k, "zoom_cue": self.zoom_cue,
+                    "K": self.sampling_k, "pivot_space": None if self.pivot_space == "latent" else self.pivot_space,
+                    "zoom_cue": self.zoom_cue,
                     "zoom_factors": list(self.zoom_factors) if self.zoom_cue else None}
         return {k: v for k, v in settings.items() if v is not None}
 

@@ -50,8 +50,8 @@ def _add_sampling_args(p: argparse.ArgumentParser, modes: list[str]) -> None:
                         "signal level on others: 494 for the embedded model)")
     p.add_argument("--noise-level", type=float, default=None, help="K as a fraction of T, in (0, 1] (instead of --K)")
     p.add_argument("--pivot-space", choices=["latent", "pixel"], default=None,
-                   help="upsample the pivot bilinearly in latent space (paper; the default) or decode-resize-encode "
-                        "(the default of --mode hires-fix)")
+                   help="upsample the pivot bilinearly in latent space (the paper) or decode-resize-encode "
+                        "(default: the model's own, from its selfcascade.json, else latent; hires-fix: pixel)")
     p.add_argument("--strength", type=float, default=None,
                    help="img2img strength of --mode hires-fix, in (0, 1]: K = strength * T (default 0.55)")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from")

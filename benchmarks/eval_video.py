@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     if image.backbone.base_size[0] != base:
         raise ValueError(f"--image-model {args.image_model} samples at {image.backbone.base_size[0]} px, the video model "
                          f"at {base} px: give the image model the video model was inflated from.")
-    args.base, size = base, 2 * base  # the protocols upscale base -> 2 x base
+    size = 2 * base  # the protocols upscale base -> 2 x base
     low, captions, motions = load_eval_clips(base, args.num_clips, frames)
     high, _, _ = load_eval_clips(size, args.num_clips, frames)
     extractor = load_features("emoji")
@@ -123,14 +123,14 @@ def run(args: argparse.Namespace) -> list[dict]:
         for i, caption in enumerate(captions):
             outs.append(frames_of(video(caption, size, size, mode=mode, seed=args.seed + i, **extra, **common)))
         record("generate", f"video model, {mode}", torch.cat(outs), time.perf_counter() - start)
-    write(rows, shown, args)
+    write(rows, shown, args, base)
     return rows
 
 
-def write(rows: list[dict], shown: dict[str, torch.Tensor], args: argparse.Namespace) -> None:
+def write(rows: list[dict], shown: dict[str, torch.Tensor], args: argparse.Namespace, base: int) -> None:
     stem = RESULTS / f"video_{Path(args.model).name}"
     lines = [
-        f"# Video self-cascade at 4x pixels ({args.model}, {args.base} -> {2 * args.base} px)", "",
+        f"# Video self-cascade at 4x pixels ({args.model}, {base} -> {2 * base} px)", "",
         f"Device: {device_name(args.threads)}; torch {torch.__version__}. {args.num_clips} held-out emoji motion clips "
         f"(eval split), {args.steps} DDIM steps, the models' default guidance and K, seeds from {args.seed}. "
         f"Command: `python benchmarks/eval_video.py --model {args.model} --image-model {args.image_model} "

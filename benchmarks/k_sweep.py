@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from selfcascade import SelfCascadePipeline
+from selfcascade.backbones.base import PIVOT_SPACES
 from selfcascade.data.emoji import default_cache_dir, read_manifest
 from selfcascade.evaluate import choose_records
 from selfcascade.grid import make_grid
@@ -49,7 +50,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "images" / "k-scan.png")
-    parser.add_argument("--pivot-space", choices=["latent", "pixel"], default="latent",
+    parser.add_argument("--pivot-space", choices=PIVOT_SPACES, default="latent",
                         help="how pivots are upsampled (pixel: decode, resize, encode; results get a _pixel suffix)")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results",
                         help="folder of k_sweep_<model>.{md,csv}")

@@ -9,17 +9,16 @@ from __future__ import annotations
 import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Literal, Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from .backbones.base import Backbone, PromptEmbeds
+from .backbones.base import Backbone, PivotSpace, PromptEmbeds
 from .plan import ScalePlan
 from .schedule import DEFAULT_K
 
-PivotSpace = Literal["latent", "pixel"]
 #: callback(stage, step_index, timestep, latents) after every denoising step; latents it returns replace the
 #: sampler's (diffusers' ``callback_on_step_end`` contract), None keeps them.
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]

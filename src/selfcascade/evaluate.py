@@ -139,7 +139,8 @@ def fill_set(cascade, spec: GenerationSpec, captions: list[str], folder: Path, b
                          f"{settings}); delete it or write to another --out")
     if meta.get("weights") != weights:
         raise ValueError(f"{folder} holds images made with other weights (fingerprint {meta.get('weights')}, not "
-                         f"{weights}: the model or its banks changed since); delete it or write to another --out")
+                         f"{weights}: the model, its banks or its selfcascade.json defaults changed since); delete it "
+                         "or write to another --out")
     meta["captions"] = captions if len(captions) > common else meta["captions"]
     recorded_seconds, recorded_count = meta["seconds"], meta["generated"]
     paths = _set_paths(folder, len(captions))

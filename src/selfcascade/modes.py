@@ -11,6 +11,8 @@ BASELINE_MODES: tuple[str, ...] = ("attn-sf", "redilate", "hires-fix")
 #: The methods users pick instead (``selfcascade.baselines.rivals``).
 RIVAL_MODES: tuple[str, ...] = ("hidiffusion", "demofusion", "freescale", "deep-shrink")
 MODES: tuple[str, ...] = ("tuning-free", "direct", "tuned", *BASELINE_MODES, *RIVAL_MODES)
+#: The self-cascade itself: the modes that take a model's own pivot space and windowed final-stage attention.
+CASCADE_MODES: tuple[str, ...] = ("tuning-free", "tuned")
 #: Modes for video models: attn-sf and redilate alter attention and convolutions chosen for image UNets
 #: (attn-sf would also rescale the temporal attention over frames); the rivals patch image UNets.
 VIDEO_MODES: tuple[str, ...] = tuple(m for m in MODES if m not in ("attn-sf", "redilate", *RIVAL_MODES))

@@ -28,13 +28,13 @@ from PIL import Image
 
 from . import embedded_sd
 from .backbones import Backbone, backbone_from_pipe
-from .backbones.base import BANKS_DIR, MODEL_SETTINGS_FILE
+from .backbones.base import BANKS_DIR, MODEL_SETTINGS_FILE, PIVOT_SPACES
 from .baselines import baseline_context, hires_fix
 from .baselines.rivals import (FULL_SCHEDULE_RIVALS, RIVAL_PIVOT_SPACE, SINGLE_STAGE_RIVALS, rival_context, rival_plan,
                                rival_sampler)
 from .cascade import CascadeResult, PivotSpace, StepCallback, after_step, resolve_k, sample_cascade
 from .loading import SINGLE_FILE_SUFFIXES, is_single_file, load_single_file
-from .modes import MODES, RIVAL_MODES, VIDEO_MODES
+from .modes import CASCADE_MODES, MODES, RIVAL_MODES, VIDEO_MODES
 from .plan import DEFAULT_MAX_RATIO, ScalePlan, make_plan
 from .schedulers import check_scheduler, make_scheduler
 from .unet_features import tuned_stage_context
@@ -287,8 +287,8 @@ class SelfCascadePipeline:
                             ("batch_size", 1 if batch_size is None else batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if pivot_space not in (None, "latent", "pixel"):
-            raise ValueError(f"pivot_space must be 'latent' or 'pixel', got {pivot_space!r}.")
+        if pivot_space is not None and pivot_space not in PIVOT_SPACES:
+            raise ValueError(f"pivot_space must be {' or '.join(map(repr, PIVOT_SPACES))}, got {pivot_space!r}.")
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be one of pil, np, pt, latent, got {output_type!r}.")
         if seed is not None and generator is not None:
@@ -491,7 +491,7 @@ class SelfCascadePipeline:
             k = (num_train_timesteps if mode in FULL_SCHEDULE_RIVALS
                  else resolve_k(num_train_timesteps, K, noise_level, default=bb.default_k))
             pivot_space = pivot_space or RIVAL_PIVOT_SPACE.get(
-                mode, bb.pivot_space if mode in ("tuning-free", "tuned") else "latent")
+                mode, bb.pivot_space if mode in CASCADE_MODES else "latent")
         guidance = (bb.stage_guidance(plan.num_stages) if guidance_scale is None
                     else self._guidance(guidance_scale, plan.num_stages))
         num_prompts = len(prompts) if prompts is not None else prompt_embeds.shape[0]
@@ -503,7 +503,7 @@ class SelfCascadePipeline:
         banks = self._stage_banks(upsamplers, plan) if mode == "tuned" else None
         if banks is not None:
             self._check_banks(banks, plan, k)
-        if window_attention and (mode not in ("tuning-free", "tuned") or plan.num_stages < 2):
+        if window_attention and (mode not in CASCADE_MODES or plan.num_stages < 2):
             raise ValueError("window_attention windows the final stage of a cascade: use mode='tuning-free' or "
                              f"'tuned' with a target above the base size, not mode={mode!r} at {height}x{width}.")
 

@@ -12,7 +12,7 @@ import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,9 @@ from ..schedule import matched_k
 #: ``guidance_scale``, ``refine_guidance_scale``, ``K``, ``pivot_space``, ``zoom_cue``, ``zoom_factors`` (see
 #: ``Backbone``).
 MODEL_SETTINGS_FILE = "selfcascade.json"
+#: How a pivot is upsampled to the next stage: in latents (the paper) or in pixels (decode, resize, encode).
+PivotSpace = Literal["latent", "pixel"]
+PIVOT_SPACES: tuple[str, ...] = get_args(PivotSpace)
 #: Feature-upsampler banks tuned on a model (``<model>/banks/<name>/``), tuned mode's default.
 BANKS_DIR = "banks"
 
@@ -87,7 +90,7 @@ class Backbone:
     sampling_k: int | None = None
     #: How the cascade upsamples pivots when the caller does not say: "latent" (the paper) or "pixel" (decode,
     #: resize, encode), chosen by measurement for this model.
-    pivot_space: str = "latent"
+    pivot_space: PivotSpace = "latent"
     #: The scale cue the model was trained with (e.g. ``"{prompt}, {zoom}x zoom"``), or None: every stage above
     #: the base size then gets the cue of its zoom (the nearest of ``zoom_factors``) after the prompt.
     zoom_cue: str | None = None
@@ -129,8 +132,8 @@ class Backbone:
         if settings.get("K") is not None:
             self.sampling_k = int(settings["K"])
         if settings.get("pivot_space") is not None:
-            if settings["pivot_space"] not in ("latent", "pixel"):
-                raise ValueError(f"{settings_file}: pivot_space must be 'latent' or 'pixel', got "
+            if settings["pivot_space"] not in PIVOT_SPACES:
+                raise ValueError(f"{settings_file}: pivot_space must be {' or '.join(map(repr, PIVOT_SPACES))}, got "
                                  f"{settings['pivot_space']!r}.")
             self.pivot_space = settings["pivot_space"]
         if settings.get("zoom_cue"):

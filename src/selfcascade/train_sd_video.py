@@ -22,8 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .backbones.base import MODEL_SETTINGS_FILE
-from .checkpoints import find_checkpoint, read_checkpoint_state
-from .commands import add_command, run_module, train_or_export
+from .checkpoints import deadline_after, find_checkpoint, read_checkpoint_state
+from .commands import add_command, add_time_limit_argument, run_module, train_or_export
 from .embedded_sd import BASE_SIZE, DEFAULT_SAMPLING, build_sd_scheduler, save_sd_folder
 from .io import atomic_path
 from .text_encoder import DEFAULT_MAX_LENGTH
@@ -93,11 +93,12 @@ def _settings(args: argparse.Namespace) -> dict:
 
 
 def train(args: argparse.Namespace, data: LatentData | None = None) -> dict:
-    """Train (resuming from ``args.run_dir``'s checkpoint if any) to ``args.max_steps``; return the state.
-    ``data``: latent clips (``encode_clips``) instead of the default clips, for tests."""
+    """Train (resuming from ``args.run_dir``'s checkpoint if any) to ``args.max_steps`` or for ``args.max_minutes``;
+    return the state. ``data``: latent clips (``encode_clips``) instead of the default clips, for tests."""
     from accelerate import Accelerator
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UNet3DConditionModel
 
+    deadline = deadline_after(args.max_minutes)
     accelerator = Accelerator(cpu=args.cpu)
     if accelerator.device.type == "cpu":
         torch.set_num_threads(args.threads)
@@ -136,7 +137,7 @@ def train(args: argparse.Namespace, data: LatentData | None = None) -> dict:
                               args.min_snr_gamma)
 
     loop = LoopConfig(run_dir, args.max_steps, args.lr, args.warmup, args.grad_clip, args.checkpoint_every,
-                      args.log_every, args.seed, "train-sd-video")
+                      args.log_every, args.seed, "train-sd-video", deadline)
     train_loop(accelerator, unet, optimizer, loss_fn, loop, state, model_and_ema_writer(accelerator, unet, ema), ema)
     if args.export and accelerator.is_main_process:
         export_run(run_dir, Path(args.export))
@@ -171,6 +172,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-dim", type=int, default=DEFAULT_HEAD_DIM,
                         help="attention head width of the UNet3D (one for all levels; see unet_inflation)")
     parser.add_argument("--max-steps", type=int, default=5000)
+    add_time_limit_argument(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="clips per step")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--warmup", type=int, default=100)

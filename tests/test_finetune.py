@@ -33,6 +33,8 @@ def test_full_finetune_resumes_exports_and_loads_for_direct_inference(tiny_sd_di
     assert info["method"] == "full" and info["steps"] == 3 and info["size"] == 64
     assert info["trainable_parameters"] == info["unet_parameters"] == base.unet.num_parameters()
     assert (run / "snapshots" / "step-000003" / FINETUNE_WEIGHTS_FILE).is_file()
+    snapshot = json.loads((run / "snapshots" / "step-000003" / FINETUNE_INFO_FILE).read_text())
+    assert snapshot["steps"] == 3 and 0 < snapshot["train_seconds"] <= state["train_seconds"] + 0.1
 
     tuned = load_file(str(run / "model" / FINETUNE_WEIGHTS_FILE))
     assert any(not torch.equal(tuned[k], v) for k, v in base.unet.state_dict().items())
@@ -68,3 +70,11 @@ def test_weights_of_another_model_are_refused_with_both_names(tiny_sd_dir, capti
         load_unet_weights(make_tiny_sdxl().unet, run / "model")
     with pytest.raises(FileNotFoundError, match="selfcascade finetune"):
         load_unet_weights(make_tiny_sd().unet, tmp_path)
+
+
+def test_resuming_under_other_settings_is_refused_naming_them(tiny_sd_dir, caption_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _finetune(tiny_sd_dir, caption_folder, run, "--max-steps", "1") == 0
+    assert _finetune(tiny_sd_dir, caption_folder, run, "--max-steps", "2", "--batch-size", "1") == 2
+    assert "batch_size: run has 2, now 1" in capsys.readouterr().err
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 1  # the run is untouched

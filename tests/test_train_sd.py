@@ -205,12 +205,12 @@ def test_v3_model_card_records_the_run_and_the_shipped_banks(tmp_path: Path, vae
     train_sd.ship_run(run, shipped)
     bank = UpsamplerBank.for_unet(embedded_sd.build_sd_unet(TINY_UNET), scale=4.0, train_size=[64, 64],
                                   tuned_from="banks/bank-32")
-    save_bank(bank, shipped / "banks" / "bank-64", step=7)
+    save_bank(bank, shipped / "banks" / "bank-64", step=7, seconds=30.0)
     assert "## Measured" not in write_model_card(shipped, captions=["red apple"], steps=1).read_text()
     (shipped / MEASURED_MD).write_text("| concept top-5 | 25% |\n")
     text = write_model_card(shipped, captions=["red apple, fruit, noto style"], steps=1).read_text()
     assert "## Measured\n\n| concept top-5 | 25% |" in text
     params = sum(p.numel() for p in bank.parameters())
-    assert f"`banks/bank-64`: 32 -> 64 px, 7 steps, tuned on from `bank-32`, {params:,} parameters, K 700" in text
+    assert f"`banks/bank-64`: 32 -> 64 px, 7 steps (0.5 min), tuned on from `bank-32`, {params:,} parameters, K 700" in text
     assert "2 steps at batch 4" in text
     assert (shipped / SAMPLES_PNG).is_file() and (shipped / SAMPLES_TRAIN_PNG).is_file()

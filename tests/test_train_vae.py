@@ -66,10 +66,11 @@ def test_refuses_to_resume_under_other_settings(tmp_path: Path) -> None:
 
 
 def test_check_resume_names_every_difference(tmp_path: Path) -> None:
-    state = {"args": {"lr": 1e-3, "batch_size": 8, "seed": 0}}
-    check_resume(state, {"lr": 1e-3, "batch_size": 8, "new_key": 1}, tmp_path)  # unknown to the run: accepted
-    with pytest.raises(ValueError, match=r"lr: run has 0.001, now 0.002.*batch_size: run has 8, now 4"):
-        check_resume(state, {"lr": 2e-3, "batch_size": 4, "seed": 0}, tmp_path)
+    saved = {"lr": 1e-3, "batch_size": 8, "seed": 0}
+    check_resume(saved, {"lr": 1e-3, "batch_size": 8, "new_key": 1}, tmp_path)  # unknown to the run: accepted
+    check_resume(None, {"lr": 2e-3}, tmp_path)  # a run that recorded no settings: nothing to compare
+    with pytest.raises(ValueError, match=r"lr: run has 0.001, now 0.002.*batch_size: run has 8, now 4.*--run-dir!"):
+        check_resume(saved, {"lr": 2e-3, "batch_size": 4, "seed": 0}, tmp_path, hint="!")
 
 
 def test_export_is_a_diffusers_folder_with_standardised_latents(tmp_path: Path) -> None:

@@ -187,7 +187,8 @@ def test_cli_train_resume_extend_and_generate(tiny_sd_dir, caption_folder, tmp_p
     assert main([*common, "--max-steps", "2", "--validate-every", "2", "--validation-steps", "2"]) == 0
     assert (run / "validation" / "step-000002.png").is_file()
     assert main([*common, "--max-steps", "3", "--validate-every", "0", "--snapshot-every", "3"]) == 0  # resumes
-    assert UpsamplerBank.from_pretrained(run / "snapshots" / "step-000003").num_parameters() == 2140
+    snapshot = UpsamplerBank.from_pretrained(run / "snapshots" / "step-000003")
+    assert snapshot.num_parameters() == 2140 and snapshot.config.train_steps == 3 and snapshot.config.train_seconds > 0
     state = json.loads((run / "checkpoint" / "state.json").read_text())
     assert state["step"] == 3 and [s for s, _ in state["losses"]] == [1, 2, 3]
     config = json.loads((run / "bank" / "config.json").read_text())
@@ -300,7 +301,7 @@ def test_resuming_under_other_settings_names_each_difference(tiny_sd_dir, captio
     assert state["signature"]["scale"] == 4.0 and state["signature"]["size"] == [32, 64]
     assert main([*common, "--scale", "16", "--size", "128", "--max-steps", "3"]) == 2
     error = capsys.readouterr().err
-    assert "scale: 4.0 in the run, 16.0 now" in error and "size: [32, 64] in the run, [32, 128] now" in error
+    assert "scale: run has 4.0, now 16.0" in error and "size: run has [32, 64], now [32, 128]" in error
     assert "--run-dir" in error
     assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 2  # nothing was trained
 

@@ -144,8 +144,9 @@ def bank_rows(model_dir: Path) -> list[str]:
             parameters = sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())
         side = config["train_size"][0]
         start = f", tuned on from `{Path(config['tuned_from']).name}`" if config.get("tuned_from") else ""
+        wall = f" ({config['train_seconds'] / 60:.1f} min)" if config.get("train_seconds") is not None else ""
         rows.append(f"`{BANKS_DIR}/{config_file.parent.name}`: {round(side / config['scale'] ** 0.5)} -> {side} px, "
-                    f"{config['train_steps']:,} steps{start}, {parameters:,} parameters, K {config['K']}")
+                    f"{config['train_steps']:,} steps{wall}{start}, {parameters:,} parameters, K {config['K']}")
     return rows
 
 

@@ -268,7 +268,7 @@ def train(args: argparse.Namespace, dataset=None) -> dict:
     state["unet_config"] = unet_config(unet)
     settings = {k: getattr(args, k) for k in ("batch_size", "lr", "warmup", "ema_decay", "caption_dropout",
                                                "seed", "max_length", "zoom_prob", "zoom_factors", "scale_conditioning")}
-    check_resume(state, settings, run_dir)
+    check_resume(state.get("args"), settings, run_dir)
     state["args"] = settings
     state["hardware"] = hardware(accelerator)
     state["num_frames"] = args.frames

@@ -196,7 +196,7 @@ def train(args: argparse.Namespace, data: LatentData | None = None) -> dict:
     ckpt = find_checkpoint(run_dir)
     state = read_checkpoint_state(ckpt) if ckpt is not None else {"step": 0, "train_seconds": 0.0}
     if ckpt is not None:
-        check_resume(state, settings, run_dir)
+        check_resume(state.get("args"), settings, run_dir)
     state["args"], state["hardware"] = settings, hardware(accelerator)
     vae = AutoencoderKL.from_pretrained(args.vae).to(device).eval()
     data = data or _default_data(args, vae)

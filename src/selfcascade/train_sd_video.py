@@ -107,7 +107,7 @@ def train(args: argparse.Namespace, data: LatentData | None = None) -> dict:
     ckpt = find_checkpoint(run_dir)
     state = read_checkpoint_state(ckpt) if ckpt is not None else {"step": 0, "train_seconds": 0.0}
     if ckpt is not None:
-        check_resume(state, settings, run_dir)
+        check_resume(state.get("args"), settings, run_dir)
         unet = UNet3DConditionModel(**state["unet_config"])
         unet.load_state_dict(load_file(str(ckpt / "model.safetensors")))
     else:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -39,10 +38,10 @@ from tqdm.auto import tqdm
 
 from .backbones.base import Backbone, PromptEmbeds, resize_spatial
 from .cascade import resolve_k
-from .checkpoints import (checkpoint_at, deadline_after, find_checkpoint, load_optimizer, optimizer_step,
-                          past_deadline, read_checkpoint_state, record_loss, step_generator)
+from .checkpoints import deadline_after, find_checkpoint, load_optimizer, read_checkpoint_state
 from .commands import add_command, add_time_limit_argument, add_trainer_arguments, parse_positive_int, run_module
 from .data.emoji_clips import DEFAULT_FRAMES
+from .training import LoopConfig, check_resume, train_loop
 from .unet_features import inject, pivot_features
 from .upsamplers import DEFAULT_TIME_WIDTH, DEFAULT_WIDTH, UpsamplerBank
 
@@ -317,9 +316,9 @@ def tuning_loss(backbone: Backbone, bank: torch.nn.Module, z0: torch.Tensor, emb
 # Saving (safetensors + json only)
 
 
-def save_bank(bank: UpsamplerBank, folder: Path, step: int) -> None:
-    """The bank as safetensors + config, the config recording how many tuning steps made it."""
-    bank.register_to_config(train_steps=step)
+def save_bank(bank: UpsamplerBank, folder: Path, step: int, seconds: float) -> None:
+    """The bank as safetensors + config, the config recording how many tuning steps made it, in how long."""
+    bank.register_to_config(train_steps=step, train_seconds=round(seconds, 1))
     bank.save_pretrained(folder, safe_serialization=True)
 
 
@@ -356,25 +355,11 @@ def _validation_grid(cascade, bank: UpsamplerBank, prompts: list[str], size: int
     return make_grid(rows, ["tuning-free", "tuned"], [p[:14] for p in prompts])
 
 
-#: What a run's checkpoint must agree with to be resumed: a bank tuned under other settings would be mixed.
-RESUME_KEYS = ("model", "scale", "K", "size", "injection", "width", "time_width", "frames")
-
-
 def run_signature(args: argparse.Namespace, model: str, k: int, low: int, high: int, frames: int | None) -> dict:
-    """The settings a run's bank depends on, stored in its checkpoint (see ``check_resume``)."""
+    """The settings a run's bank depends on, stored in its checkpoint: a run resumed under others is refused (a bank
+    tuned under two settings would be a mix of both)."""
     return {"model": model, "scale": float(args.scale), "K": k, "size": [low, high], "injection": args.injection,
             "width": args.width, "time_width": args.time_width, "frames": frames}
-
-
-def check_resume(run_dir: Path, saved: dict | None, wanted: dict) -> None:
-    """Refuse to resume a run made with other settings, naming each difference and the fix."""
-    if saved is None:
-        return  # a checkpoint from before signatures were recorded: nothing to compare
-    differ = [f"{key}: {saved.get(key)!r} in the run, {wanted[key]!r} now" for key in RESUME_KEYS
-              if saved.get(key) != wanted[key]]
-    if differ:
-        raise ValueError(f"{run_dir} holds a run made with other settings ({'; '.join(differ)}); rerun with its "
-                         "settings to resume it, or give a new --run-dir (--init-from its bank to start from it).")
 
 
 def _frames(backbone: Backbone, frames: int | None) -> int | None:
@@ -420,7 +405,7 @@ def train(args: argparse.Namespace, data: ImageCaptions | None = None) -> dict:
     ckpt = find_checkpoint(run_dir)
     if ckpt is not None:
         state = read_checkpoint_state(ckpt)
-        check_resume(run_dir, state.get("signature"), signature)
+        check_resume(state.get("signature"), signature, run_dir, hint=" (--init-from its bank to start from it)")
         bank = UpsamplerBank.from_pretrained(ckpt / "bank")
         logger.info("resuming from %s at step %d", ckpt, state["step"])
     elif args.init_from is not None:
@@ -453,45 +438,36 @@ def train(args: argparse.Namespace, data: ImageCaptions | None = None) -> dict:
     def write_bank(folder: Path) -> None:
         accelerator.unwrap_model(model).save_pretrained(folder / "bank", safe_serialization=True)
 
+    def micro_losses(step: int, g: torch.Generator) -> Iterator[torch.Tensor]:
+        """One loss per micro-batch of ``--batch-size``, ``--grad-accum`` of them per step."""
+        for _ in range(args.grad_accum):
+            idx = torch.randint(0, len(data), (args.batch_size,), generator=g)
+            dropped = torch.rand(args.batch_size, generator=g) < args.caption_dropout
+            t = torch.randint(1, k + 1, (args.batch_size,), generator=g).to(device)
+            z0, embeds, features = cache.batch(idx.tolist(), dropped.tolist())
+            noise = torch.randn(z0.shape, generator=g).to(device, z0.dtype)
+            with accelerator.autocast():
+                yield tuning_loss(bb, model, z0, embeds, features, t, noise) / args.grad_accum
+
+    def validate(step: int) -> None:
+        _validate(cascade, accelerator.unwrap_model(model), validation_prompts, high, args, run_dir, step, frames)
+
+    def after_step(step: int) -> None:
+        if args.snapshot_every and step % args.snapshot_every == 0:
+            save_bank(accelerator.unwrap_model(model), run_dir / "snapshots" / f"step-{step:06d}", step,
+                      state["train_seconds"])
+        if args.validate_every and step % args.validate_every == 0:
+            validate(step)
+
+    loop = LoopConfig(run_dir, args.max_steps, args.lr, 0, args.grad_clip, args.checkpoint_every, args.log_every,
+                      args.seed, "train-upsamplers", deadline)
+    train_loop(accelerator, model, optimizer, micro_losses, loop, state, write_bank, on_step=after_step)
     step = state["step"]
-    bar = tqdm(total=args.max_steps, initial=step, desc="train-upsamplers", unit="step",
-               disable=not accelerator.is_main_process)
-    while step < args.max_steps:
-        if past_deadline(accelerator, deadline):
-            logger.info("time budget spent at step %d (of --max-steps %d)", step, args.max_steps)
-            if step % args.checkpoint_every:  # leave this step to resume from
-                checkpoint_at(accelerator, run_dir, step, args.checkpoint_every, step, optimizer, state, write_bank)
-            if args.validate_every and step % args.validate_every and accelerator.is_main_process:
-                _validate(cascade, accelerator.unwrap_model(model), validation_prompts, high, args, run_dir, step, frames)
-            break
-        t0 = time.perf_counter()
-        g = step_generator(args.seed, step, accelerator.process_index)
-
-        def micro_losses() -> Iterator[torch.Tensor]:
-            """One loss per micro-batch of ``--batch-size``, ``--grad-accum`` of them per step."""
-            for _ in range(args.grad_accum):
-                idx = torch.randint(0, len(data), (args.batch_size,), generator=g)
-                dropped = torch.rand(args.batch_size, generator=g) < args.caption_dropout
-                t = torch.randint(1, k + 1, (args.batch_size,), generator=g).to(device)
-                z0, embeds, features = cache.batch(idx.tolist(), dropped.tolist())
-                noise = torch.randn(z0.shape, generator=g).to(device, z0.dtype)
-                with accelerator.autocast():
-                    yield tuning_loss(bb, model, z0, embeds, features, t, noise) / args.grad_accum
-
-        loss = optimizer_step(accelerator, micro_losses(), optimizer, model.parameters(), args.grad_clip)
-        step += 1
-        state["train_seconds"] += time.perf_counter() - t0
-        record_loss(accelerator, loss, state, step, bar, args.log_every)
-        checkpoint_at(accelerator, run_dir, step, args.checkpoint_every, args.max_steps, optimizer, state, write_bank)
-        if args.snapshot_every and step % args.snapshot_every == 0 and accelerator.is_main_process:
-            save_bank(accelerator.unwrap_model(model), run_dir / "snapshots" / f"step-{step:06d}", step)
-        if args.validate_every and step % args.validate_every == 0 and accelerator.is_main_process:
-            _validate(cascade, accelerator.unwrap_model(model), validation_prompts, high, args, run_dir, step, frames)
-    bar.close()
-    state["step"] = step
+    if step < args.max_steps and args.validate_every and step % args.validate_every and accelerator.is_main_process:
+        validate(step)  # stopped by --max-minutes: a grid of where it stopped
     if accelerator.is_main_process:
         output = Path(args.output) if args.output else run_dir / "bank"
-        save_bank(accelerator.unwrap_model(model), output, step)
+        save_bank(accelerator.unwrap_model(model), output, step, state["train_seconds"])
         logger.info("bank saved to %s (step %d, loss %.4f, %.1f s)", output, step, state.get("loss", float("nan")),
                     state["train_seconds"])
     return state

@@ -150,7 +150,7 @@ def train(args: argparse.Namespace, source: CropSource | None = None) -> dict:
     ckpt = find_checkpoint(run_dir)
     if ckpt is not None:
         state = read_checkpoint_state(ckpt)
-        check_resume(state, settings, run_dir)
+        check_resume(state.get("args"), settings, run_dir)
         logger.info("resuming from %s at step %d", ckpt, state["step"])
     else:
         state = {"step": 0, "train_seconds": 0.0}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,8 @@ from .checkpoints import (find_checkpoint, load_optimizer, optimizer_step, past_
 
 logger = logging.getLogger(__name__)
 
-LossFn = Callable[[int, torch.Generator], torch.Tensor]
+#: One step's loss, or its micro-batch losses (gradient accumulation: each backpropagated as it is made).
+LossFn = Callable[[int, torch.Generator], torch.Tensor | Iterable[torch.Tensor]]
 WriteWeights = Callable[[Path], None]
 
 
@@ -125,14 +126,16 @@ def prior_training(folder: Path) -> dict:
     return prior
 
 
-def check_resume(state: Mapping, settings: Mapping, run_dir: Path, ignore: tuple[str, ...] = ()) -> None:
-    """Refuse to resume a run under other settings, naming each one that differs."""
-    saved = state.get("args", {})
+def check_resume(saved: Mapping | None, settings: Mapping, run_dir: Path, ignore: tuple[str, ...] = (),
+                 hint: str = "") -> None:
+    """Refuse to resume a run under other settings, naming each one that differs. ``saved``: the settings the run
+    recorded (keys it lacks, e.g. from before they existed, are not compared); ``hint`` ends the message."""
+    saved = saved or {}
     differ = [k for k in settings if k not in ignore and k in saved and saved[k] != settings[k]]
     if differ:
         listed = ", ".join(f"{k}: run has {saved[k]!r}, now {settings[k]!r}" for k in differ)
         raise ValueError(f"{run_dir} holds a run made with other settings ({listed}); resume it with the same "
-                         "arguments or give another --run-dir.")
+                         f"arguments or give another --run-dir{hint}.")
 
 
 def hardware(accelerator) -> str:
@@ -143,12 +146,14 @@ def hardware(accelerator) -> str:
 
 def train_loop(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
                config: LoopConfig, state: dict, write_weights: WriteWeights, ema: EMA | None = None,
-               on_checkpoint: Callable[[int], None] | None = None) -> dict:
+               on_checkpoint: Callable[[int], None] | None = None,
+               on_step: Callable[[int], None] | None = None) -> dict:
     """Run ``loss_fn`` steps from ``state["step"]`` to ``config.max_steps``, or until ``config.deadline`` has passed;
     checkpoint atomically on the way and where it stops.
 
     ``model`` and ``optimizer`` are already ``accelerator.prepare``d; ``write_weights(folder)`` saves the
-    trainer's weights (the EMA's too) into a checkpoint folder. Returns ``state``.
+    trainer's weights (the EMA's too) into a checkpoint folder. The main process calls ``on_checkpoint(step)``
+    after each checkpoint and ``on_step(step)`` after every step (snapshots, validation grids). Returns ``state``.
     """
     step = state.setdefault("step", 0)
     state.setdefault("train_seconds", 0.0)
@@ -163,8 +168,8 @@ def train_loop(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optim
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup))
-        loss = loss_fn(step, step_generator(config.seed, step, accelerator.process_index))
-        optimizer_step(accelerator, loss, optimizer, model.parameters(), config.grad_clip)
+        loss = optimizer_step(accelerator, loss_fn(step, step_generator(config.seed, step, accelerator.process_index)),
+                              optimizer, model.parameters(), config.grad_clip)
         if ema is not None:
             ema.update(accelerator.unwrap_model(model), step)
         step += 1
@@ -175,6 +180,8 @@ def train_loop(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optim
             saved = step
             if on_checkpoint is not None and accelerator.is_main_process:
                 on_checkpoint(step)
+        if on_step is not None and accelerator.is_main_process:
+            on_step(step)
     bar.close()
     if saved != step and (step < config.max_steps or not (config.run_dir / "checkpoint").exists()):
         # stopped by the deadline between checkpoints, or no steps to run: still leave this step to resume or export

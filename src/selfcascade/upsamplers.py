@@ -73,7 +73,8 @@ class UpsamplerBank(ModelMixin, ConfigMixin):
     ``save_pretrained``/``from_pretrained`` (folder or hub id) write and read ``config.json`` plus
     safetensors. ``level_channels`` and ``time_embed_dim`` must match the UNet the bank is used with
     (``check_compatible``); ``base_model``, ``scale`` (pixel ratio of one cascade stage it was tuned
-    for, 4 = 2x per side), ``K``, ``train_size``, ``tuned_from`` and ``train_steps`` document its provenance.
+    for, 4 = 2x per side), ``K``, ``train_size``, ``tuned_from``, ``train_steps`` and ``train_seconds`` (wall time of those steps) document
+    its provenance.
     """
 
     config_name = "config.json"
@@ -92,6 +93,7 @@ class UpsamplerBank(ModelMixin, ConfigMixin):
         train_size: Sequence[int] | None = None,
         tuned_from: str | None = None,
         train_steps: int = 0,
+        train_seconds: float | None = None,
     ) -> None:
         super().__init__()
         if injection not in INJECTIONS:

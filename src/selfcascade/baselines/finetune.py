@@ -18,20 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from ..checkpoints import (checkpoint_at, find_checkpoint, load_optimizer, optimizer_step, read_checkpoint_state,
-                           record_loss, step_generator)
-from ..commands import add_command, add_trainer_arguments, run_module
+from ..checkpoints import deadline_after, find_checkpoint, load_optimizer, read_checkpoint_state
+from ..commands import add_command, add_time_limit_argument, add_trainer_arguments, run_module
 from ..io import atomic_path
 from ..loading import FINETUNE_INFO_FILE, FINETUNE_WEIGHTS_FILE
 from ..train_upsamplers import ImageCaptions, load_data, prediction_target
+from ..training import LoopConfig, check_resume, train_loop
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +89,14 @@ def finetune_loss(backbone, z0: torch.Tensor, embeds, t: torch.Tensor, noise: to
     return F.mse_loss(pred.float(), prediction_target(scheduler, z0, noise, t).float())
 
 
+def _settings(args: argparse.Namespace, model: str, size: int) -> dict:
+    """What a run's weights depend on, stored in its checkpoint: a run resumed under other settings is refused."""
+    return {"model": model, "method": args.method, "rank": args.rank if args.method == "lora" else None, "size": size,
+            "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
+            "caption_dropout": args.caption_dropout, "seed": args.seed,
+            "data": None if args.data is None else str(args.data)}
+
+
 def _encode(backbone, data: ImageCaptions, idx: torch.Tensor, dropped: torch.Tensor):
     with torch.no_grad():
         images = data.images[idx].to(backbone.device).float() / 255
@@ -100,11 +106,13 @@ def _encode(backbone, data: ImageCaptions, idx: torch.Tensor, dropped: torch.Ten
 
 
 def train(args: argparse.Namespace, data: ImageCaptions | None = None) -> dict:
-    """Fine-tune (resuming from ``args.run_dir``'s checkpoint if any) until ``args.max_steps``; returns the state."""
+    """Fine-tune (resuming from ``args.run_dir``'s checkpoint if any) until ``args.max_steps`` or for
+    ``args.max_minutes``; returns the state."""
     from accelerate import Accelerator
 
     from ..pipeline import SelfCascadePipeline
 
+    deadline = deadline_after(args.max_minutes)
     if args.method not in METHODS:
         raise ValueError(f"--method {args.method!r}: choose one of {', '.join(METHODS)}")
     cpu = args.cpu or not torch.cuda.is_available()
@@ -124,14 +132,17 @@ def train(args: argparse.Namespace, data: ImageCaptions | None = None) -> dict:
         bb.unet.requires_grad_(True)
     unet = bb.unet.train()
     run_dir = Path(args.run_dir)
+    settings = _settings(args, bb.name, size)
     ckpt = find_checkpoint(run_dir)
     state = {"step": 0, "train_seconds": 0.0, "losses": []}
     if ckpt is not None:
         state = read_checkpoint_state(ckpt)
+        check_resume(state.get("settings"), settings, run_dir)
         trainable = load_file(str(ckpt / "trainable.safetensors"))
         unet.load_state_dict(trainable, strict=False)
         logger.info("resuming from %s at step %d", ckpt, state["step"])
     state["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+    state["settings"] = settings
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     if ckpt is not None:
@@ -152,29 +163,25 @@ def train(args: argparse.Namespace, data: ImageCaptions | None = None) -> dict:
         save_file(tensors, str(folder / "trainable.safetensors"))
 
     num_t = bb.scheduler.config.num_train_timesteps
-    step = state["step"]
-    bar = tqdm(total=args.max_steps, initial=step, desc=f"finetune-{args.method}", unit="step",
-               disable=not accelerator.is_main_process)
-    while step < args.max_steps:
-        t0 = time.perf_counter()
-        g = step_generator(args.seed, step, accelerator.process_index)
+
+    def loss_fn(step: int, g: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, len(data), (args.batch_size,), generator=g)
         dropped = torch.rand(args.batch_size, generator=g) < args.caption_dropout
         t = torch.randint(0, num_t, (args.batch_size,), generator=g).to(device)
         z0, embeds = _encode(bb, data, idx, dropped)
         noise = torch.randn(z0.shape, generator=g).to(device, z0.dtype)
         with accelerator.autocast():
-            loss = finetune_loss(bb, z0, embeds, t, noise)
-        optimizer_step(accelerator, loss, optimizer, params, args.grad_clip)
-        step += 1
-        state["train_seconds"] += time.perf_counter() - t0
-        record_loss(accelerator, loss, state, step, bar, args.log_every)
-        checkpoint_at(accelerator, run_dir, step, args.checkpoint_every, args.max_steps, optimizer, state, save)
-        if args.snapshot_every and step % args.snapshot_every == 0 and accelerator.is_main_process:
+            return finetune_loss(bb, z0, embeds, t, noise)
+
+    def snapshot(step: int) -> None:
+        if args.snapshot_every and step % args.snapshot_every == 0:
             export(run_dir / "snapshots" / f"step-{step:06d}", accelerator.unwrap_model(unet), args.method,
-                   {**info, "steps": step})
-    bar.close()
-    state["step"] = step
+                   {**info, "steps": step, "train_seconds": round(state["train_seconds"], 1)})
+
+    loop = LoopConfig(run_dir, args.max_steps, args.lr, 0, args.grad_clip, args.checkpoint_every, args.log_every,
+                      args.seed, f"finetune-{args.method}", deadline)
+    train_loop(accelerator, unet, optimizer, loss_fn, loop, state, save, on_step=snapshot)
+    step = state["step"]
     if accelerator.is_main_process:
         output = Path(args.output) if args.output else run_dir / "model"
         export(output, accelerator.unwrap_model(unet), args.method,
@@ -194,6 +201,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", type=Path, default=Path("runs/finetune"), help="checkpoints and snapshots")
     parser.add_argument("--output", type=Path, default=None, help="final export folder (default RUN_DIR/model)")
     parser.add_argument("--max-steps", type=int, default=2000, help="train until this many steps in total")
+    add_time_limit_argument(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="per process (same as train-upsamplers)")
     parser.add_argument("--lr", type=float, default=None, help="default: 1e-5 full, 1e-4 LoRA")
     parser.add_argument("--weight-decay", type=float, default=0.0)

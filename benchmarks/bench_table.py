@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from pathlib import Path
 import torch
 
 from selfcascade import SelfCascadePipeline
-from selfcascade.loading import load_unet_weights
+from selfcascade.loading import FINETUNE_INFO_FILE, load_unet_weights
 from selfcascade.data.emoji import default_cache_dir, read_manifest
 from selfcascade.evaluate import GenerationSpec, choose_records, generate_set, objects_text, percent, write_grid
 from selfcascade.image_sets import emoji_renders
@@ -159,7 +160,7 @@ def curves(args: argparse.Namespace, extractor, captions: list[str], reference, 
             continue
         start = "tuning-free" if label == "bank" else "direct"
         untrained = Method(start, start, SelfCascadePipeline.from_pretrained(args.model))
-        sets = [(0, untrained, "", out / f"{start}-{args.curve_size}")]
+        sets = [(0, untrained, None, out / f"{start}-{args.curve_size}")]
         for snap in sorted((run / "snapshots").glob("step-*")):
             step = int(snap.name.split("-")[1])
             cascade = SelfCascadePipeline.from_pretrained(args.model)
@@ -168,17 +169,60 @@ def curves(args: argparse.Namespace, extractor, captions: list[str], reference, 
             else:
                 load_unet_weights(cascade.backbone.unet, snap, cascade.backbone.name)
                 method = Method(label, "direct", cascade)
-            sets.append((step, method, f"@{snap}", out / "curves" / f"{label}-{step:06d}"))
-        for step, method, weights, folder in sets:
+            sets.append((step, method, snap, out / "curves" / f"{label}-{step:06d}"))
+        for step, method, snap, folder in sets:
             spec = method.spec(args.curve_size, args.steps, args.seed)
-            spec.model += weights
+            spec.model += "" if snap is None else f"@{snap}"
             fake, _ = generate_set(method.cascade, spec, captions, folder, args.batch_size)
             row = score(extractor, fake, reference, base_features, method.cascade.backbone.base_size[0],
                         args.crops_per_image, args.seed)
-            points.append({"run": label, "step": step, **{k: row[k] for k in ("FID_r", "KID_r", "FID_b", "SWD_x1e3",
-                                                                               "n_gen")}})
+            seconds = 0.0 if snap is None else snapshot_seconds(snap)
+            points.append({"run": label, "step": step, "seconds": seconds,
+                           **{k: row[k] for k in ("FID_r", "KID_r", "FID_b", "SWD_x1e3", "n_gen")}})
             print(points[-1], flush=True)
     return points
+
+
+def snapshot_seconds(snapshot: Path) -> float | None:
+    """Training wall time up to a snapshot, as its bank config or fine-tune info records it (None: not recorded)."""
+    for name in ("config.json", FINETUNE_INFO_FILE):
+        if (snapshot / name).is_file():
+            return json.loads((snapshot / name).read_text()).get("train_seconds")
+    return None
+
+
+def time_to_quality(points: list[dict]) -> list[dict]:
+    """Steps and wall time each run needs to reach the FID_b of the bank's last snapshot: the paper's "5x faster
+    training" counts steps to quality (Table 1). A run that never reaches it within its snapshots has step None."""
+    bank = [p for p in points if p["run"] == "bank"]
+    if not bank:
+        return []
+    target = max(bank, key=lambda p: p["step"])["FID_b"]
+    rows = []
+    for run in dict.fromkeys(p["run"] for p in points):
+        mine = sorted((p for p in points if p["run"] == run), key=lambda p: p["step"])
+        reached = next((p for p in mine if p["FID_b"] <= target), None)
+        best = min(mine, key=lambda p: p["FID_b"])
+        rows.append({"run": run, "target": target, "step": reached and reached["step"],
+                     "seconds": reached and reached["seconds"], "best": best["FID_b"], "best_step": best["step"],
+                     "steps_run": mine[-1]["step"], "seconds_run": mine[-1]["seconds"]})
+    return rows
+
+
+def time_to_quality_lines(rows: list[dict]) -> list[str]:
+    def minutes(seconds) -> str:
+        return "not recorded" if seconds is None else f"{seconds / 60:.1f} min"
+
+    lines = [f"Time to quality: steps and training wall time until FID_b <= {rows[0]['target']:.4g}, the bank's "
+             "last snapshot's (snapshots only: a run reaches it at the first snapshot that does).", "",
+             "| run | reaches it at step | wall time | best FID_b (step) | steps run (wall time) |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        at = (f"{r['step']} | {minutes(r['seconds'])}" if r["step"] is not None
+              else f"not within {r['steps_run']} | -")
+        lines.append(f"| {r['run']} | {at} | {_f(r['best'])} ({r['best_step']}) | {r['steps_run']} "
+                     f"({minutes(r['seconds_run'])}) |")
+    return lines
 
 
 def plot_curves(points: list[dict], path: Path, size: int) -> None:
@@ -302,6 +346,9 @@ def main() -> None:
                      "| run | step | FID_r | KID_r | FID_b | SWD x1e3 |", "|---|---|---|---|---|---|"]
             lines += [f"| {p['run']} | {p['step']} | {_f(p['FID_r'])} | {_f(p['KID_r'], 3)} | {_f(p['FID_b'])} | "
                       f"{_f(p['SWD_x1e3'])} |" for p in points]
+            quality = time_to_quality(points)
+            if quality:
+                lines += ["", *time_to_quality_lines(quality)]
             with atomic_path(stem.with_name(stem.name + "_curves.md")) as tmp:
                 tmp.write_text("\n".join(lines) + "\n")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import shutil
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from selfcascade import SelfCascadePipeline
 from selfcascade.cli import main
@@ -375,3 +377,44 @@ def test_generated_dir_errors(tmp_path: Path, fake_cache: Path, extractor_dir: P
     Image.new("RGB", (64, 64)).save(mixed / "a.png")
     Image.new("RGB", (32, 32)).save(mixed / "b.png")
     assert main(["evaluate", "--generated", str(mixed), *common]) == 2
+
+
+def _fake_emoji_cache(root: Path, count: int = 12) -> Path:
+    """A data set cache of random 128 px "renders": 3 concepts x 2 styles, every third image in the eval split."""
+    from selfcascade.data.emoji import MANIFEST, image_path
+
+    g = torch.Generator().manual_seed(0)
+    records = []
+    for i in range(count):
+        record = {"id": f"e{i}", "split": "eval" if i % 3 == 2 else "train", "concept": f"c{i % 3}",
+                  "style": f"s{i % 2}", "caption": f"c{i % 3}, s{i % 2} style"}
+        pixels = torch.randint(0, 255, (128, 128, 3), generator=g, dtype=torch.uint8).numpy()
+        path = image_path(root, 128, record["id"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path)
+        records.append(record)
+    (root / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+def test_feature_net_training_resumes_exactly_and_refuses_other_settings(tmp_path: Path, monkeypatch) -> None:
+    from selfcascade.metrics import train_features
+
+    monkeypatch.setattr(train_features, "export", lambda *a, **k: None)  # measures accuracy on a real data set
+    cache = _fake_emoji_cache(tmp_path / "cache")
+
+    def run(run_dir: Path, *extra: str) -> dict:
+        parser = argparse.ArgumentParser()
+        train_features.add_arguments(parser)
+        return train_features.train(parser.parse_args(
+            ["--run-dir", str(run_dir), "--cache-dir", str(cache), "--batch-size", "4", "--warmup", "2",
+             "--widths", "4", "8", "--input-size", "32", "--holdout-fraction", "0.2", *extra]))
+
+    straight = run(tmp_path / "a", "--max-steps", "6", "--checkpoint-every", "3")
+    run(tmp_path / "b", "--max-steps", "3", "--checkpoint-every", "3")
+    resumed = run(tmp_path / "b", "--max-steps", "6", "--checkpoint-every", "3")
+    assert straight["step"] == resumed["step"] == 6
+    a, b = (load_file(str(tmp_path / r / "checkpoint" / "model.safetensors")) for r in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="lr: run has 0.002, now 0.001"):
+        run(tmp_path / "a", "--max-steps", "8", "--lr", "1e-3")

@@ -61,6 +61,7 @@ class LoopConfig:
     seed: int = 0
     desc: str = "train"
     deadline: float | None = None  # ``checkpoints.deadline_after``: stop (and checkpoint) once it has passed
+    lr_at: Callable[[int], float] | None = None  # a step's learning rate, instead of warm-up then constant
 
 
 MODEL_FILE, EMA_FILE = "model.safetensors", "ema.safetensors"
@@ -166,8 +167,9 @@ def train_loop(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optim
             logger.info("time budget spent at step %d (of --max-steps %d)", step, config.max_steps)
             break
         t0 = time.perf_counter()
+        lr = config.lr_at(step) if config.lr_at else config.lr * min(1.0, (step + 1) / max(1, config.warmup))
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup))
+            group["lr"] = lr
         loss = optimizer_step(accelerator, loss_fn(step, step_generator(config.seed, step, accelerator.process_index)),
                               optimizer, model.parameters(), config.grad_clip)
         if ema is not None:

@@ -37,7 +37,7 @@ def load_images(cache_dir: Path, records: list[dict], size: int, split: str | No
     out = torch.empty(len(records), 3, size, size, dtype=torch.uint8)
     for i, r in enumerate(tqdm(records, desc=f"loading {split or 'all'} {size} px", unit="img", mininterval=2,
                                disable=not progress)):
-        out[i] = torch.from_numpy(np.asarray(Image.open(image_path(cache_dir, size, r["id"])).convert("RGB"))).permute(2, 0, 1)
+        out[i] = torch.from_numpy(np.array(Image.open(image_path(cache_dir, size, r["id"])).convert("RGB"))).permute(2, 0, 1)
     return out
 
 

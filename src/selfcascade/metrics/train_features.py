@@ -28,9 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
-from selfcascade.checkpoints import find_checkpoint, load_optimizer, read_checkpoint_state, step_generator, write_checkpoint
+from selfcascade.checkpoints import find_checkpoint, load_optimizer, read_checkpoint_state
 from selfcascade.commands import add_command, run_module
 from selfcascade.data.emoji import default_cache_dir, read_manifest
 from selfcascade.data.loader import load_images
@@ -38,6 +37,7 @@ from selfcascade.io import atomic_path
 from selfcascade.metrics.distances import frechet_distance, kernel_inception_distance
 from selfcascade.metrics.emoji_features import DEFAULT_DIR, EmojiFeatureNet, EmojiFeatures, save_feature_net
 from selfcascade.metrics.images import resize_images
+from selfcascade.training import MODEL_FILE, LoopConfig, check_resume, train_loop
 
 logger = logging.getLogger(__name__)
 
@@ -190,13 +190,9 @@ def train(args: argparse.Namespace) -> dict:
     state: dict = {"step": 0, "train_seconds": 0.0}
     if ckpt is not None:
         state = read_checkpoint_state(ckpt)
-        old = {**state["config"], **state["args"], "max_steps": args.max_steps}  # only --max-steps may change
-        new = {**net.config, **settings}
-        if old != new:
-            changed = {k: (old.get(k), new.get(k)) for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
-            raise ValueError(f"{ckpt} was trained with other settings (checkpoint vs now: {changed}); "
-                             "use another --run-dir, or the same settings to resume")
-        net.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+        # only --max-steps may change (it stretches the cosine decay)
+        check_resume({**state["config"], **state["args"]}, {**net.config, **settings}, run_dir, ignore=("max_steps",))
+        net.load_state_dict(load_file(str(ckpt / MODEL_FILE)))
         load_optimizer(optimizer, ckpt, state)
         logger.info("resuming from %s at step %d", ckpt, state["step"])
     state.pop("optimizer", None)
@@ -205,45 +201,24 @@ def train(args: argparse.Namespace) -> dict:
                 sum(p.numel() for p in net.parameters()), len(train_records), len(labels["concepts"]),
                 len(labels["styles"]), len(held), torch.get_num_threads())
 
-    def save(step: int) -> None:
-        state["step"] = step
+    def write_weights(folder: Path) -> None:
+        save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(folder / MODEL_FILE))
 
-        def write_weights(folder: Path) -> None:
-            save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(folder / "model.safetensors"))
-
-        write_checkpoint(run_dir, optimizer, state, write_weights)
-
-    step = state["step"]
-    bar = tqdm(total=args.max_steps, initial=step, desc="train-features", unit="step", mininterval=5)
-    smooth = None
-    net.train()
-    while step < args.max_steps:
-        t0 = time.perf_counter()
-        g = step_generator(args.seed, step, 0)
+    def loss_fn(step: int, g: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, len(train_records), (args.batch_size,), generator=g)
         views = augment(images[idx], args.input_size, g, blur_prob=args.blur_prob)
-        for group in optimizer.param_groups:
-            group["lr"] = _lr(step, args)
         _, concept_logits, style_logits = net(views)
-        loss = (F.cross_entropy(concept_logits, concept_t[idx], label_smoothing=args.label_smoothing)
+        return (F.cross_entropy(concept_logits, concept_t[idx], label_smoothing=args.label_smoothing)
                 + args.style_weight * F.cross_entropy(style_logits, style_t[idx]))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        state["train_seconds"] += time.perf_counter() - t0
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr")
-        smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
-        state["loss"] = smooth
-        bar.update()
-        bar.set_postfix(loss=f"{smooth:.3f}", refresh=False)
-        if step % args.checkpoint_every == 0 or step == args.max_steps:
-            save(step)
-            logger.info("step %d: loss %.3f, %.2f s/step, checkpoint saved", step, smooth,
-                        state["train_seconds"] / max(1, step))
-    bar.close()
-    export(args, net.eval(), state, labels, cache_dir, records, held)
+
+    loop = LoopConfig(run_dir, args.max_steps, args.lr, args.warmup, 0.0, args.checkpoint_every, 0, args.seed,
+                      "train-features", lr_at=lambda step: _lr(step, args))
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(net, optimizer)
+    train_loop(accelerator, model, optimizer, loss_fn, loop, state, write_weights)
+    export(args, accelerator.unwrap_model(model).eval(), state, labels, cache_dir, records, held)
     return state
 
 

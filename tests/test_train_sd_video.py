@@ -145,6 +145,34 @@ def test_export_is_a_stock_video_folder_the_cascade_runs(tmp_path: Path, image_m
     assert video.shape == (1, 2, 3, 64, 64) and torch.isfinite(video).all()
 
 
+def test_ship_puts_the_sibling_beside_the_image_model_as_embedded_video(tmp_path: Path, image_model: Path, data,
+                                                                        monkeypatch) -> None:
+    import shutil
+
+    from selfcascade import SelfCascadePipeline
+
+    package = tmp_path / "embedded_v3"  # the package layout: the image model's parts, no model_index.json
+    monkeypatch.setattr(embedded_sd, "SHIPPED_VIDEO_DIR", package / "video")
+    with pytest.raises(FileNotFoundError, match="ships inside the image model's folder"):
+        train_sd_video.train(_args(tmp_path / "run", image_model, "--max-steps", "2", "--ship"), data)
+    shutil.copytree(image_model / "vae", package / "vae")
+    train_sd_video.ship_run(tmp_path / "run")
+    video_dir = package / "video"
+    assert json.loads((video_dir / "selfcascade.json").read_text()) == {"K": 600, "guidance_scale": 5.0}
+    assert json.loads((video_dir / "train_state.json").read_text())["train_steps"] == 2
+    assert json.loads((video_dir / "unet" / "config.json").read_text())["_class_name"] == "UNet3DConditionModel"
+    cascade = SelfCascadePipeline.from_pretrained("embedded-video", device="cpu")
+    assert cascade.backbone.name == "embedded-video" and type(cascade.backbone).__name__ == "VideoBackbone"
+    assert cascade.backbone.default_k == 600
+    from selfcascade.train_sd import export_embedded
+
+    exported = export_embedded(tmp_path / "stock", video_dir)
+    assert json.loads((exported / "model_index.json").read_text())["_class_name"] == "TextToVideoSDPipeline"
+    video = cascade("red apple, moving right", 64, 64, num_frames=2, num_inference_steps=2, seed=0,
+                    mode="tuning-free", output_type="pt").frames
+    assert video.shape == (1, 2, 3, 64, 64) and torch.isfinite(video).all()
+
+
 def test_init_from_must_be_an_image_model_folder(tmp_path: Path, image_model: Path, data) -> None:
     with pytest.raises(FileNotFoundError, match="lacks unet, vae, scheduler/"):
         train_sd_video.train(_args(tmp_path / "run", tmp_path, "--max-steps", "1"), data)

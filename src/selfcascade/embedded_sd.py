@@ -33,6 +33,11 @@ logger = logging.getLogger(__name__)
 #: (sampling defaults and the scale cue) and ``banks/``; the text encoder comes from the MiniLM package.
 SHIPPED_DIR = Path(__file__).resolve().parent / "embedded_v3"
 
+#: Where the v3 video sibling ships (``train-sd-video --ship``): ``unet/`` (a ``UNet3DConditionModel``), ``scheduler/``,
+#: ``selfcascade.json``, ``train_state.json`` and ``banks/``; it decodes each frame with the image model's VAE, the
+#: ``vae/`` of the folder around it.
+SHIPPED_VIDEO_DIR = SHIPPED_DIR / "video"
+
 #: Base size in pixels (16x16 latents through the 8x VAE).
 BASE_SIZE = 128
 #: The scale cue: words after the prompt that say the canvas shows its object ``zoom`` times larger than a
@@ -107,22 +112,37 @@ def is_shipped(folder: Path | None = None) -> bool:
     return ((folder or SHIPPED_DIR) / "unet" / "config.json").is_file()
 
 
+def vae_dir(folder: Path) -> Path | None:
+    """The VAE of a folder of the v3 package layout: its own ``vae/``, or for the video sibling (which has none)
+    the ``vae/`` of the image model's folder around it; None if neither exists."""
+    return next((d for d in (folder / "vae", folder.parent / "vae") if (d / "config.json").is_file()), None)
+
+
+def is_video_unet(folder: Path) -> bool:
+    """Whether ``folder/unet`` holds the video sibling's ``UNet3DConditionModel``."""
+    return json.loads((folder / "unet" / "config.json").read_text()).get("_class_name") == "UNet3DConditionModel"
+
+
 def load_embedded_pipeline(folder: Path | str | None = None, max_length: int = DEFAULT_MAX_LENGTH):
-    """A stock ``StableDiffusionPipeline`` of the shipped parts (default: the package's) and MiniLM (from its
-    installed package)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    """A stock ``StableDiffusionPipeline`` of the shipped parts (default: the package's), or a
+    ``TextToVideoSDPipeline`` for the video sibling's folder, with MiniLM (from its installed package)."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, TextToVideoSDPipeline,
+                           UNet2DConditionModel, UNet3DConditionModel)
 
     folder = Path(folder or SHIPPED_DIR)
-    if not is_shipped(folder):
-        raise FileNotFoundError(f"{folder / 'unet'} not found: the v3 embedded model is not in this install; train "
+    if not is_shipped(folder) or vae_dir(folder) is None:
+        raise FileNotFoundError(f"{folder} lacks unet/ or a vae/: the v3 embedded model is not in this install; train "
                                 "it with `selfcascade train-sd` and export it with `selfcascade export-embedded`.")
     tokenizer, text_encoder = load_text_components(max_length)
+    video = is_video_unet(folder)
     # Shipped weights are fp16 (half the size); compute starts in fp32 and the caller's .to() picks the dtype.
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
-    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler.from_pretrained(folder / "scheduler"), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    unet = (UNet3DConditionModel if video else UNet2DConditionModel).from_pretrained(folder / "unet",
+                                                                                      torch_dtype=torch.float32)
+    parts = {"vae": AutoencoderKL.from_pretrained(vae_dir(folder), torch_dtype=torch.float32),
+             "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet,
+             "scheduler": DDIMScheduler.from_pretrained(folder / "scheduler")}
+    pipe = (TextToVideoSDPipeline(**parts) if video else
+            StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False))
     pipe.register_to_config(_name_or_path=str(folder))
     return pipe
 

@@ -60,7 +60,8 @@ OutputType = Literal["pil", "np", "pt", "latent"]
 #: Name under which the model the project trains and ships is loaded: the v3 tiny Stable Diffusion once its
 #: weights are in the install (``embedded_sd.is_shipped``), else the v2 pixel-space model.
 EMBEDDED_NAME = "embedded"
-#: Names that load a pixel-space model shipped inside the package (v2 and its video sibling).
+#: Names that load a pixel-space model shipped inside the package (v2 and its video sibling; "embedded-video" is
+#: v3's video sibling once its weights are in the install, ``embedded_sd.SHIPPED_VIDEO_DIR``).
 EMBEDDED_NAMES = (EMBEDDED_NAME, "embedded-v2", "embedded-video")
 
 
@@ -170,14 +171,16 @@ class SelfCascadePipeline:
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         path = Path(name_or_path)
-        v3_folder = embedded_sd.SHIPPED_DIR if str(name_or_path) == EMBEDDED_NAME else path
-        if (embedded_sd.is_shipped(v3_folder) and (v3_folder / "vae").is_dir()
-                and not (v3_folder / "model_index.json").is_file()):
-            # the package's v3 parts (or a copy of that layout, e.g. a folder `train-sd --ship` wrote)
+        shipped = {EMBEDDED_NAME: embedded_sd.SHIPPED_DIR, "embedded-video": embedded_sd.SHIPPED_VIDEO_DIR}
+        v3_folder = shipped.get(str(name_or_path), path)
+        if (embedded_sd.is_shipped(v3_folder) and embedded_sd.vae_dir(v3_folder) is not None
+                and not (v3_folder / "model_index.json").is_file()
+                and not (v3_folder / "selfcascade_model.json").is_file()):
+            # the package's v3 parts or its video sibling (or a copy of that layout, e.g. a folder `--ship` wrote)
             pipe = embedded_sd.load_embedded_pipeline(v3_folder).to(device, dtype)
             cascade = cls.from_pipe(pipe, scheduler=scheduler)
-            if v3_folder is embedded_sd.SHIPPED_DIR:
-                cascade.backbone.name = EMBEDDED_NAME
+            if v3_folder in shipped.values():
+                cascade.backbone.name = str(name_or_path)
             return cascade
         if str(name_or_path) in EMBEDDED_NAMES or (path / "selfcascade_model.json").is_file():
             from .backbones.embedded import EmbeddedBackbone

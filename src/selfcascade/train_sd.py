@@ -293,7 +293,8 @@ def ship_run(run_dir: Path, folder: Path | None = None) -> Path:
 
 
 def export_embedded(out_dir: Path, folder: Path | None = None) -> Path:
-    """The shipped v3 model as a complete stock SD folder: weights, MiniLM, sampling defaults and banks."""
+    """The shipped v3 model as a complete stock SD folder: weights, MiniLM, sampling defaults and banks (for the
+    video sibling's folder, ``embedded_sd.SHIPPED_VIDEO_DIR``, a ``TextToVideoSDPipeline`` one)."""
     folder = folder or embedded_sd.SHIPPED_DIR
     pipe = load_embedded_pipeline(folder)
     settings_file = folder / MODEL_SETTINGS_FILE
@@ -346,10 +347,16 @@ def run(args: argparse.Namespace) -> None:
 
 def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output", type=Path, help="folder to write (replaced atomically)")
+    parser.add_argument("--video", action="store_true",
+                        help="the video sibling (`embedded-video`) as a stock TextToVideoSDPipeline folder")
 
 
 def _run_export(args: argparse.Namespace) -> None:
-    print(f"wrote {export_embedded(args.output)}: load it with StableDiffusionPipeline.from_pretrained")
+    if args.video and not embedded_sd.is_shipped(embedded_sd.SHIPPED_VIDEO_DIR):
+        raise SystemExit("--video: the v3 video sibling is not in this install (`selfcascade train-sd-video --ship`)")
+    folder = embedded_sd.SHIPPED_VIDEO_DIR if args.video else embedded_sd.SHIPPED_DIR
+    loader = "TextToVideoSDPipeline" if args.video else "StableDiffusionPipeline"
+    print(f"wrote {export_embedded(args.output, folder)}: load it with {loader}.from_pretrained")
 
 
 def register_cli(subparsers: "argparse._SubParsersAction") -> None:

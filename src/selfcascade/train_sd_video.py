@@ -24,12 +24,13 @@ from safetensors.torch import load_file, save_file
 from .backbones.base import MODEL_SETTINGS_FILE
 from .checkpoints import deadline_after, find_checkpoint, read_checkpoint_state
 from .commands import add_command, add_time_limit_argument, run_module, train_or_export
-from .embedded_sd import BASE_SIZE, DEFAULT_SAMPLING, build_sd_scheduler, save_sd_folder
-from .io import atomic_path
+from . import embedded_sd
+from .embedded_sd import BASE_SIZE, DEFAULT_SAMPLING, build_sd_scheduler, save_sd_folder, vae_dir
+from .io import atomic_dir, atomic_path
 from .text_encoder import DEFAULT_MAX_LENGTH
 from .train_sd import LatentData, diffusion_loss, drop_captions, encode_captions, encode_images, sample_batch
 from .training import (LoopConfig, check_resume, hardware, latest_ema, model_and_ema_writer, prepare_training,
-                       prior_training, train_loop)
+                       prior_training, train_loop, write_train_summary)
 from .unet_inflation import inflate_unet
 
 logger = logging.getLogger(__name__)
@@ -141,22 +142,58 @@ def train(args: argparse.Namespace, data: LatentData | None = None) -> dict:
     train_loop(accelerator, unet, optimizer, loss_fn, loop, state, model_and_ema_writer(accelerator, unet, ema), ema)
     if args.export and accelerator.is_main_process:
         export_run(run_dir, Path(args.export))
+    if args.ship and accelerator.is_main_process:
+        ship_run(run_dir)
     return state
+
+
+def _run_unet(run_dir: Path) -> tuple[dict, torch.nn.Module]:
+    from diffusers import UNet3DConditionModel
+
+    state, weights = latest_ema(run_dir, "train-sd-video")
+    unet = UNet3DConditionModel(**state["unet_config"])
+    unet.load_state_dict(weights)
+    return state, unet
+
+
+def _sampling(init_dir: Path) -> dict:
+    """The image model's sampling defaults, which the video sibling keeps (same schedule, cue and guidance)."""
+    settings_file = init_dir / MODEL_SETTINGS_FILE
+    return json.loads(settings_file.read_text()) if settings_file.is_file() else dict(DEFAULT_SAMPLING)
 
 
 def export_run(run_dir: Path, out_dir: Path) -> Path:
     """The EMA UNet3D of the latest checkpoint with the image model's VAE, MiniLM, SD's schedule and sampling
     defaults, as a stock ``TextToVideoSDPipeline`` folder."""
-    from diffusers import AutoencoderKL, UNet3DConditionModel
+    from diffusers import AutoencoderKL
 
-    state, weights = latest_ema(run_dir, "train-sd-video")
-    unet = UNet3DConditionModel(**state["unet_config"])
-    unet.load_state_dict(weights)
+    state, unet = _run_unet(run_dir)
     init_dir = image_model_dir(state["args"]["init_from"])
-    settings_file = init_dir / MODEL_SETTINGS_FILE
-    sampling = json.loads(settings_file.read_text()) if settings_file.is_file() else dict(DEFAULT_SAMPLING)
     return save_sd_folder(out_dir, unet, AutoencoderKL.from_pretrained(init_dir / "vae"), state["args"]["max_length"],
-                          build_sd_scheduler(state["prediction_type"]), state, sampling)
+                          build_sd_scheduler(state["prediction_type"]), state, _sampling(init_dir))
+
+
+def ship_run(run_dir: Path, folder: Path | None = None) -> Path:
+    """Put a run's EMA UNet3D (fp16), scheduler, ``train_state.json`` and sampling defaults into the package as the
+    v3 video sibling (``embedded-video``), which decodes with the image model's VAE around it; values already chosen
+    in its ``selfcascade.json`` (by measurement) are kept, its banks stay."""
+    state, unet = _run_unet(run_dir)
+    folder = Path(folder or embedded_sd.SHIPPED_VIDEO_DIR)
+    if vae_dir(folder) is None:
+        raise FileNotFoundError(f"{folder.parent / 'vae'} not found: the video sibling ships inside the image model's "
+                                "folder, whose VAE it decodes with.")
+    settings_file = folder / MODEL_SETTINGS_FILE
+    sampling = {**_sampling(image_model_dir(state["args"]["init_from"])),
+                **(json.loads(settings_file.read_text()) if settings_file.is_file() else {})}
+    with atomic_dir(folder / "unet") as tmp:
+        unet.half().save_pretrained(tmp, safe_serialization=True)
+    with atomic_dir(folder / "scheduler") as tmp:
+        build_sd_scheduler(state["prediction_type"]).save_pretrained(tmp)
+    with atomic_path(settings_file) as tmp:
+        tmp.write_text(json.dumps(sampling, indent=1) + "\n")
+    write_train_summary(folder, state)
+    logger.info("shipped step %d of %s into %s", state["step"], run_dir, folder)
+    return folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -186,6 +223,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=200)
     parser.add_argument("--export", type=Path, default=None, help="write a stock TextToVideoSDPipeline folder here")
     parser.add_argument("--export-only", action="store_true", help="export the latest checkpoint and exit")
+    parser.add_argument("--ship", action="store_true",
+                        help="at the end, put the EMA UNet3D into the package as `embedded-video` (developers)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
 

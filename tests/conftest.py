@@ -8,6 +8,8 @@ takes a ``*_fresh`` fixture (built anew for that test; building costs ~0.1 s) or
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -61,3 +63,14 @@ def caption_folder(tmp_path):
         Image.fromarray(rng.integers(0, 255, (72, 80, 3), dtype=np.uint8)).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(f"red apple {i}")
     return folder
+
+
+@pytest.fixture()
+def minute_clock(monkeypatch):
+    """The trainers' clock (``checkpoints.monotonic``) a minute later at each reading, for ``--max-minutes``;
+    ``minute_clock.undo()`` gives the real clock back."""
+    from selfcascade import checkpoints
+
+    clock = itertools.count(0, 60)
+    monkeypatch.setattr(checkpoints, "monotonic", lambda: next(clock))
+    return monkeypatch

@@ -4,7 +4,6 @@ folder that StableDiffusionPipeline loads and samples."""
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 from pathlib import Path
 
@@ -67,15 +66,11 @@ def test_learns_resumes_exactly_and_exports(tmp_path: Path, vae_dir: Path, data)
 
 
 def test_max_minutes_stops_between_checkpoints_with_one_where_it_stops(tmp_path: Path, vae_dir: Path, data,
-                                                                       monkeypatch) -> None:
-    from selfcascade import checkpoints
-
-    clock = itertools.count(0, 60)  # each reading of the trainers' clock is a minute later
-    monkeypatch.setattr(checkpoints, "monotonic", lambda: next(clock))
+                                                                       minute_clock) -> None:
     args = _args(tmp_path, vae_dir, "--max-steps", "40", "--checkpoint-every", "20", "--max-minutes", "3")
     assert train_sd.train(args, data)["step"] == 2  # deadline at minute 3: steps start at minutes 1 and 2
     assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["step"] == 2
-    monkeypatch.undo()
+    minute_clock.undo()
     assert train_sd.train(_args(tmp_path, vae_dir, "--max-steps", "3"), data)["step"] == 3  # resumes from it
 
 

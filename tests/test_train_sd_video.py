@@ -4,7 +4,6 @@ clips learns and resumes exactly, and the export is a stock TextToVideoSDPipelin
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 from pathlib import Path
 
@@ -199,13 +198,9 @@ def test_clip_folder_is_encoded_once_at_the_base_size(tmp_path: Path, image_mode
 
 
 def test_max_minutes_stops_with_a_checkpoint_where_it_stops(tmp_path: Path, image_model: Path, data,
-                                                            monkeypatch) -> None:
-    from selfcascade import checkpoints
-
-    clock = itertools.count(0, 60)  # each reading of the trainers' clock is a minute later
-    monkeypatch.setattr(checkpoints, "monotonic", lambda: next(clock))
+                                                            minute_clock) -> None:
     args = _args(tmp_path, image_model, "--max-steps", "40", "--checkpoint-every", "20", "--max-minutes", "3")
     assert train_sd_video.train(args, data)["step"] == 2  # deadline at minute 3: steps start at minutes 1 and 2
     assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["step"] == 2
-    monkeypatch.undo()
+    minute_clock.undo()
     assert train_sd_video.train(_args(tmp_path, image_model, "--max-steps", "3"), data)["step"] == 3

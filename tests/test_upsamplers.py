@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 from pathlib import Path
 
@@ -208,11 +207,7 @@ def test_cli_train_resume_extend_and_generate(tiny_sd_dir, caption_folder, tmp_p
     assert json.loads(Image.open(out).info["selfcascade"])["upsamplers"] == [str(run / "bank")]
 
 
-def test_max_minutes_stops_with_a_checkpoint_and_the_bank(tiny_sd_dir, caption_folder, tmp_path, monkeypatch):
-    from selfcascade import checkpoints
-
-    clock = itertools.count(0, 60)  # each reading of the trainers' clock is a minute later
-    monkeypatch.setattr(checkpoints, "monotonic", lambda: next(clock))
+def test_max_minutes_stops_with_a_checkpoint_and_the_bank(tiny_sd_dir, caption_folder, tmp_path, minute_clock):
     run = tmp_path / "run"
     assert main(["train-upsamplers", "--model", str(tiny_sd_dir), "--data", str(caption_folder), "--size", "64",
                  "--batch-size", "1", "--run-dir", str(run), "--threads", "1", "--validate-every", "5",

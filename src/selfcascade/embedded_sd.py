@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .backbones.base import BANKS_DIR, MODEL_SETTINGS_FILE
-from .io import atomic_dir
+from .io import atomic_dir, atomic_path
 from .text_encoder import DEFAULT_MAX_LENGTH, HIDDEN_SIZE, _model_path
 from .training import write_train_summary
 
@@ -145,6 +145,28 @@ def load_embedded_pipeline(folder: Path | str | None = None, max_length: int = D
             StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False))
     pipe.register_to_config(_name_or_path=str(folder))
     return pipe
+
+
+def folder_sampling(folder: Path) -> dict:
+    """A model folder's sampling defaults (its ``selfcascade.json``), else SD's (``DEFAULT_SAMPLING``)."""
+    settings_file = folder / MODEL_SETTINGS_FILE
+    return json.loads(settings_file.read_text()) if settings_file.is_file() else dict(DEFAULT_SAMPLING)
+
+
+def ship_parts(folder: Path, unet, scheduler, sampling: dict, state: dict) -> Path:
+    """A training run's parts into a folder of the package layout, each swapped in atomically: the UNet in fp16
+    (half the size), its scheduler, the sampling defaults (values the folder's ``selfcascade.json`` already holds,
+    chosen by measurement, win over ``sampling``) and ``train_state.json``."""
+    settings_file = folder / MODEL_SETTINGS_FILE
+    sampling = {**sampling, **(json.loads(settings_file.read_text()) if settings_file.is_file() else {})}
+    with atomic_dir(folder / "unet") as tmp:
+        unet.half().save_pretrained(tmp, safe_serialization=True)
+    with atomic_dir(folder / "scheduler") as tmp:
+        scheduler.save_pretrained(tmp)
+    with atomic_path(settings_file) as tmp:
+        tmp.write_text(json.dumps(sampling, indent=1) + "\n")
+    write_train_summary(folder, state)
+    return folder
 
 
 def save_sd_folder(folder: Path | str, unet, vae, max_length: int = DEFAULT_MAX_LENGTH, scheduler=None,

@@ -22,16 +22,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .backbones.base import BANKS_DIR, MODEL_SETTINGS_FILE, zoom_prompt
+from .backbones.base import BANKS_DIR, zoom_prompt
 from .checkpoints import deadline_after, find_checkpoint, read_checkpoint_state
 from .commands import add_command, add_time_limit_argument, run_module
 from . import embedded_sd
 from .embedded_sd import (BASE_SIZE, DEFAULT_SAMPLING, SD15_UNET, ZOOM_CUE, build_sd_scheduler,
-                          build_sd_unet, encode_prompts, load_embedded_pipeline, load_text_components, save_sd_folder)
-from .io import atomic_dir, atomic_path
+                          build_sd_unet, encode_prompts, folder_sampling, load_embedded_pipeline, load_text_components,
+                          save_sd_folder, ship_parts)
+from .io import atomic_path
 from .text_encoder import DEFAULT_MAX_LENGTH
 from .training import (LoopConfig, check_resume, hardware, latest_ema, model_and_ema_writer, prepare_training,
-                       prior_training, train_loop, write_train_summary)
+                       prior_training, train_loop)
 
 logger = logging.getLogger(__name__)
 
@@ -278,16 +279,7 @@ def ship_run(run_dir: Path, folder: Path | None = None) -> Path:
     folder, beside its VAE and banks; sampling values already chosen there (by measurement) are kept."""
     state, unet = _run_unet(run_dir)
     folder = folder or embedded_sd.SHIPPED_DIR
-    settings_file = folder / MODEL_SETTINGS_FILE
-    sampling = {**run_sampling(state["args"]),
-                **(json.loads(settings_file.read_text()) if settings_file.is_file() else {})}
-    with atomic_dir(folder / "unet") as tmp:
-        unet.half().save_pretrained(tmp, safe_serialization=True)
-    with atomic_dir(folder / "scheduler") as tmp:
-        build_sd_scheduler(state["args"]["prediction_type"]).save_pretrained(tmp)
-    with atomic_path(settings_file) as tmp:
-        tmp.write_text(json.dumps(sampling, indent=1) + "\n")
-    write_train_summary(folder, state)
+    ship_parts(folder, unet, build_sd_scheduler(state["args"]["prediction_type"]), run_sampling(state["args"]), state)
     logger.info("shipped step %d of %s into %s", state["step"], run_dir, folder)
     return folder
 
@@ -297,10 +289,8 @@ def export_embedded(out_dir: Path, folder: Path | None = None) -> Path:
     video sibling's folder, ``embedded_sd.SHIPPED_VIDEO_DIR``, a ``TextToVideoSDPipeline`` one)."""
     folder = folder or embedded_sd.SHIPPED_DIR
     pipe = load_embedded_pipeline(folder)
-    settings_file = folder / MODEL_SETTINGS_FILE
-    sampling = json.loads(settings_file.read_text()) if settings_file.is_file() else dict(DEFAULT_SAMPLING)
     out = save_sd_folder(out_dir, pipe.unet, pipe.vae, pipe.tokenizer.model_max_length, pipe.scheduler,
-                         sampling=sampling, banks=folder / BANKS_DIR)
+                         sampling=folder_sampling(folder), banks=folder / BANKS_DIR)
     if (folder / "train_state.json").is_file():
         shutil.copy2(folder / "train_state.json", out / "train_state.json")
     return out

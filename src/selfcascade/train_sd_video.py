@@ -12,7 +12,6 @@ on the shared loop (exact resume, refusal of other settings, EMA). ``--export`` 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,16 +20,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .backbones.base import MODEL_SETTINGS_FILE
 from .checkpoints import deadline_after, find_checkpoint, read_checkpoint_state
 from .commands import add_command, add_time_limit_argument, run_module, train_or_export
 from . import embedded_sd
-from .embedded_sd import BASE_SIZE, DEFAULT_SAMPLING, build_sd_scheduler, save_sd_folder, vae_dir
-from .io import atomic_dir, atomic_path
+from .embedded_sd import BASE_SIZE, build_sd_scheduler, folder_sampling, save_sd_folder, ship_parts, vae_dir
+from .io import atomic_path
 from .text_encoder import DEFAULT_MAX_LENGTH
 from .train_sd import LatentData, diffusion_loss, drop_captions, encode_captions, encode_images, sample_batch
 from .training import (LoopConfig, check_resume, hardware, latest_ema, model_and_ema_writer, prepare_training,
-                       prior_training, train_loop, write_train_summary)
+                       prior_training, train_loop)
 from .unet_inflation import inflate_unet
 
 logger = logging.getLogger(__name__)
@@ -156,12 +154,6 @@ def _run_unet(run_dir: Path) -> tuple[dict, torch.nn.Module]:
     return state, unet
 
 
-def _sampling(init_dir: Path) -> dict:
-    """The image model's sampling defaults, which the video sibling keeps (same schedule, cue and guidance)."""
-    settings_file = init_dir / MODEL_SETTINGS_FILE
-    return json.loads(settings_file.read_text()) if settings_file.is_file() else dict(DEFAULT_SAMPLING)
-
-
 def export_run(run_dir: Path, out_dir: Path) -> Path:
     """The EMA UNet3D of the latest checkpoint with the image model's VAE, MiniLM, SD's schedule and sampling
     defaults, as a stock ``TextToVideoSDPipeline`` folder."""
@@ -170,7 +162,7 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
     state, unet = _run_unet(run_dir)
     init_dir = image_model_dir(state["args"]["init_from"])
     return save_sd_folder(out_dir, unet, AutoencoderKL.from_pretrained(init_dir / "vae"), state["args"]["max_length"],
-                          build_sd_scheduler(state["prediction_type"]), state, _sampling(init_dir))
+                          build_sd_scheduler(state["prediction_type"]), state, folder_sampling(init_dir))
 
 
 def ship_run(run_dir: Path, folder: Path | None = None) -> Path:
@@ -182,16 +174,8 @@ def ship_run(run_dir: Path, folder: Path | None = None) -> Path:
     if vae_dir(folder) is None:
         raise FileNotFoundError(f"{folder.parent / 'vae'} not found: the video sibling ships inside the image model's "
                                 "folder, whose VAE it decodes with.")
-    settings_file = folder / MODEL_SETTINGS_FILE
-    sampling = {**_sampling(image_model_dir(state["args"]["init_from"])),
-                **(json.loads(settings_file.read_text()) if settings_file.is_file() else {})}
-    with atomic_dir(folder / "unet") as tmp:
-        unet.half().save_pretrained(tmp, safe_serialization=True)
-    with atomic_dir(folder / "scheduler") as tmp:
-        build_sd_scheduler(state["prediction_type"]).save_pretrained(tmp)
-    with atomic_path(settings_file) as tmp:
-        tmp.write_text(json.dumps(sampling, indent=1) + "\n")
-    write_train_summary(folder, state)
+    ship_parts(folder, unet, build_sd_scheduler(state["prediction_type"]),
+               folder_sampling(image_model_dir(state["args"]["init_from"])), state)
     logger.info("shipped step %d of %s into %s", state["step"], run_dir, folder)
     return folder
 

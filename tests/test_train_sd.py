@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from selfcascade import train_sd, train_vae
 from selfcascade.model_card import sd_card_text
+from selfcascade.training import LoopConfig, constant_lr
 
 TINY_UNET = {"block_out_channels": [16, 16, 16, 16], "norm_num_groups": 8, "sample_size": 4}
 
@@ -78,6 +79,21 @@ def test_refuses_other_settings(tmp_path: Path, vae_dir: Path, data) -> None:
     train_sd.train(_args(tmp_path, vae_dir, "--max-steps", "1"), data)
     with pytest.raises(ValueError, match="prediction_type: run has 'epsilon', now 'v_prediction'"):
         train_sd.train(_args(tmp_path, vae_dir, "--max-steps", "2", "--prediction-type", "v_prediction"), data)
+
+
+def test_cooldown_decays_the_rate_to_zero_at_max_steps() -> None:
+    config = LoopConfig(Path("."), max_steps=10, lr=1.0, warmup=2, cooldown=4)
+    assert [constant_lr(config, step) for step in range(10)] == [0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
+
+
+def test_a_constant_rate_run_resumes_cooled_and_records_it(tmp_path: Path, vae_dir: Path, data) -> None:
+    train_sd.train(_args(tmp_path, vae_dir, "--max-steps", "2"), data)
+    state = train_sd.train(_args(tmp_path, vae_dir, "--max-steps", "4", "--cooldown", "2"), data)
+    assert state["step"] == 4 and state["args"]["cooldown"] == 2
+    summary = json.loads((train_sd.ship_run(tmp_path, tmp_path / "shipped") / "train_state.json").read_text())
+    assert "(warm-up 1, linear decay to 0 over the last 2 steps)" in sd_card_text(summary, {}, parameters=1)
+    with pytest.raises(ValueError, match="lr: run has 0.002, now 0.001"):  # the rate itself still may not change
+        train_sd.train(_args(tmp_path, vae_dir, "--max-steps", "5", "--cooldown", "2", "--lr", "1e-3"), data)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

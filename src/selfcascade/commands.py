@@ -178,6 +178,13 @@ def add_time_limit_argument(parser: argparse.ArgumentParser) -> None:
                              "(default: no time limit)")
 
 
+def add_cooldown_argument(parser: argparse.ArgumentParser) -> None:
+    """``--cooldown``: the learning rate's linear decay to 0 at --max-steps (``training.constant_lr``)."""
+    parser.add_argument("--cooldown", type=int, default=0,
+                        help="decay the learning rate linearly to 0 over the last this many steps before --max-steps; "
+                             "may be set when resuming, to cool a run trained at a constant rate (default: 0, none)")
+
+
 def run_module(prog: str, doc: str, add_arguments: AddArguments, run: Run, argv: Sequence[str] | None = None) -> None:
     """``python -m`` entry point with timestamped logging (long jobs run in the background)."""
     parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0], formatter_class=HelpFormatter)

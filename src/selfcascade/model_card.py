@@ -180,7 +180,9 @@ def sd_card_text(state: dict, sampling: dict, parameters: int, steps: int = 50, 
         f"| objective | {state['prediction_type']} prediction on SD's scaled-linear schedule (1000 steps), min-SNR-"
         f"{state['min_snr_gamma']:g} weighting, caption dropout {state['caption_dropout']:g} (for guidance) |",
         f"| training | {state['train_steps'] + previous.get('steps', 0):,} steps at batch {state['batch_size']}, AdamW lr "
-        f"{state['lr']:g} (warm-up {state['warmup']}), EMA {state['ema_decay']:g} (exported)"
+        f"{state['lr']:g} (warm-up {state['warmup']}"
+        + (f", linear decay to 0 over the last {state['cooldown']:,} steps" if state.get("cooldown") else "")
+        + f"), EMA {state['ema_decay']:g} (exported)"
         + (f"; the last {state['train_steps']:,} continue from the weights of an earlier run of "
            f"{previous['steps']:,} steps ({previous['seconds'] / 3600:.1f} h"
            + (f", {previous['prediction_type']} prediction"

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .backbones.base import BANKS_DIR, zoom_prompt
 from .checkpoints import deadline_after, find_checkpoint, read_checkpoint_state
-from .commands import add_command, add_time_limit_argument, run_module
+from .commands import add_command, add_cooldown_argument, add_time_limit_argument, run_module
 from . import embedded_sd
 from .embedded_sd import (BASE_SIZE, DEFAULT_SAMPLING, SD15_UNET, ZOOM_CUE, build_sd_scheduler,
                           build_sd_unet, encode_prompts, folder_sampling, load_embedded_pipeline, load_text_components,
@@ -141,8 +141,8 @@ def drop_captions(context: torch.Tensor, uncond: torch.Tensor, p: float, g: torc
 
 
 def _settings(args: argparse.Namespace, unet_config: dict) -> dict:
-    return {"batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "ema_decay": args.ema_decay,
-            "caption_dropout": args.caption_dropout, "prediction_type": args.prediction_type,
+    return {"batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "cooldown": args.cooldown,
+            "ema_decay": args.ema_decay, "caption_dropout": args.caption_dropout, "prediction_type": args.prediction_type,
             "min_snr_gamma": args.min_snr_gamma, "seed": args.seed, "max_length": args.max_length,
             "zoom_prob": args.zoom_prob, "zoom_factors": list(args.zoom_factors), "zoom_count": args.zoom_count,
             "unet_config": unet_config, "vae": str(args.vae)}
@@ -197,7 +197,7 @@ def train(args: argparse.Namespace, data: LatentData | None = None) -> dict:
     ckpt = find_checkpoint(run_dir)
     state = read_checkpoint_state(ckpt) if ckpt is not None else {"step": 0, "train_seconds": 0.0}
     if ckpt is not None:
-        check_resume(state.get("args"), settings, run_dir)
+        check_resume(state.get("args"), settings, run_dir, ignore=("cooldown",))
     state["args"], state["hardware"] = settings, hardware(accelerator)
     vae = AutoencoderKL.from_pretrained(args.vae).to(device).eval()
     data = data or _default_data(args, vae)
@@ -221,7 +221,7 @@ def train(args: argparse.Namespace, data: LatentData | None = None) -> dict:
                               args.min_snr_gamma)
 
     loop = LoopConfig(run_dir, args.max_steps, args.lr, args.warmup, args.grad_clip, args.checkpoint_every,
-                      args.log_every, args.seed, "train-sd", deadline)
+                      args.log_every, args.seed, "train-sd", deadline, cooldown=args.cooldown)
     train_loop(accelerator, unet, optimizer, loss_fn, loop, state, model_and_ema_writer(accelerator, unet, ema), ema)
     if args.export and accelerator.is_main_process:
         export_run(run_dir, Path(args.export))
@@ -303,6 +303,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", type=Path, default=None, help="data set cache (see `selfcascade data build`)")
     parser.add_argument("--max-steps", type=int, default=20000)
     add_time_limit_argument(parser)
+    add_cooldown_argument(parser)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--warmup", type=int, default=200)

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .checkpoints import deadline_after, find_checkpoint, read_checkpoint_state
-from .commands import add_command, add_time_limit_argument, run_module, train_or_export
+from .commands import add_command, add_cooldown_argument, add_time_limit_argument, run_module, train_or_export
 from . import embedded_sd
 from .embedded_sd import BASE_SIZE, build_sd_scheduler, folder_sampling, save_sd_folder, ship_parts, vae_dir
 from .io import atomic_path
@@ -85,9 +85,9 @@ def _default_data(args: argparse.Namespace, vae) -> LatentData:
 
 
 def _settings(args: argparse.Namespace) -> dict:
-    return {"batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "ema_decay": args.ema_decay,
-            "caption_dropout": args.caption_dropout, "min_snr_gamma": args.min_snr_gamma, "seed": args.seed,
-            "max_length": args.max_length, "frames": args.frames, "head_dim": args.head_dim,
+    return {"batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "cooldown": args.cooldown,
+            "ema_decay": args.ema_decay, "caption_dropout": args.caption_dropout, "min_snr_gamma": args.min_snr_gamma,
+            "seed": args.seed, "max_length": args.max_length, "frames": args.frames, "head_dim": args.head_dim,
             "init_from": str(args.init_from), "data": None if args.data is None else str(args.data)}
 
 
@@ -106,7 +106,7 @@ def train(args: argparse.Namespace, data: LatentData | None = None) -> dict:
     ckpt = find_checkpoint(run_dir)
     state = read_checkpoint_state(ckpt) if ckpt is not None else {"step": 0, "train_seconds": 0.0}
     if ckpt is not None:
-        check_resume(state.get("args"), settings, run_dir)
+        check_resume(state.get("args"), settings, run_dir, ignore=("cooldown",))
         unet = UNet3DConditionModel(**state["unet_config"])
         unet.load_state_dict(load_file(str(ckpt / "model.safetensors")))
     else:
@@ -136,7 +136,7 @@ def train(args: argparse.Namespace, data: LatentData | None = None) -> dict:
                               args.min_snr_gamma)
 
     loop = LoopConfig(run_dir, args.max_steps, args.lr, args.warmup, args.grad_clip, args.checkpoint_every,
-                      args.log_every, args.seed, "train-sd-video", deadline)
+                      args.log_every, args.seed, "train-sd-video", deadline, cooldown=args.cooldown)
     train_loop(accelerator, unet, optimizer, loss_fn, loop, state, model_and_ema_writer(accelerator, unet, ema), ema)
     if args.export and accelerator.is_main_process:
         export_run(run_dir, Path(args.export))
@@ -194,6 +194,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attention head width of the UNet3D (one for all levels; see unet_inflation)")
     parser.add_argument("--max-steps", type=int, default=5000)
     add_time_limit_argument(parser)
+    add_cooldown_argument(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="clips per step")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--warmup", type=int, default=100)

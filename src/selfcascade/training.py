@@ -62,6 +62,7 @@ class LoopConfig:
     desc: str = "train"
     deadline: float | None = None  # ``checkpoints.deadline_after``: stop (and checkpoint) once it has passed
     lr_at: Callable[[int], float] | None = None  # a step's learning rate, instead of warm-up then constant
+    cooldown: int = 0            # linear decay to 0 over the last this many steps before max_steps (0: none)
 
 
 MODEL_FILE, EMA_FILE = "model.safetensors", "ema.safetensors"
@@ -139,6 +140,15 @@ def check_resume(saved: Mapping | None, settings: Mapping, run_dir: Path, ignore
                          f"arguments or give another --run-dir{hint}.")
 
 
+def constant_lr(config: LoopConfig, step: int) -> float:
+    """Warm-up, a constant rate, then (``config.cooldown``) a linear decay to 0 at ``config.max_steps``: the decay
+    lets a run trained at a constant rate settle, and is set where it starts, so a run can be extended, then cooled."""
+    scale = min(1.0, (step + 1) / max(1, config.warmup))
+    if config.cooldown:
+        scale = min(scale, (config.max_steps - step) / config.cooldown)
+    return config.lr * scale
+
+
 def hardware(accelerator) -> str:
     if accelerator.device.type == "cuda":
         return f"{accelerator.num_processes}x {torch.cuda.get_device_name(accelerator.device)}"
@@ -167,7 +177,7 @@ def train_loop(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optim
             logger.info("time budget spent at step %d (of --max-steps %d)", step, config.max_steps)
             break
         t0 = time.perf_counter()
-        lr = config.lr_at(step) if config.lr_at else config.lr * min(1.0, (step + 1) / max(1, config.warmup))
+        lr = config.lr_at(step) if config.lr_at else constant_lr(config, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = optimizer_step(accelerator, loss_fn(step, step_generator(config.seed, step, accelerator.process_index)),

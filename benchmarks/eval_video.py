@@ -12,12 +12,13 @@ used in training, each moved by a known affine):
   beside it the plain frame difference and the L1 error to the real clip at that size. Rows: bilinear
   upsampling (no model), the video model's tuning-free and tuned cascade, and the *image* model's
   tuned cascade applied to each frame alone (super-resolving frames, which the paper compares with).
-* **generate** (text only): the captions of the same clips, generated at twice the base side by direct inference,
-  tuning-free and tuned. No ground truth exists, so only motion-free numbers: frame difference and the
-  cosine similarity of consecutive frames' features (``selfcascade.metrics.features``, emoji CNN).
+* **generate** (text only): the captions of the same clips, generated at the base size (direct: the video model
+  alone) and at twice the base side by direct inference, tuning-free and tuned. No ground truth exists, so only
+  motion-free numbers: frame difference and the cosine similarity of consecutive frames' features
+  (``selfcascade.metrics.features``, emoji CNN), beside the real clips' at the base size.
 
-No offline video feature network exists here, so there is no FVD. Writes
-``benchmarks/results/video_<model>.{md,csv}`` and a GIF of the first clips of every method.
+No offline video feature network exists here, so there is no FVD. Writes ``<results>/video_<model>.{md,csv}``
+and a GIF of the first clips of every method. v2's numbers: ``--model embedded-video-v2 --results results/v2``.
 """
 
 from __future__ import annotations
@@ -67,13 +68,30 @@ def feature_consistency(extractor, clip: torch.Tensor) -> float:
     return (feats[1:] * feats[:-1]).sum(1).mean().item()
 
 
+def resize_clips(clips: torch.Tensor, size: int) -> torch.Tensor:
+    """[N, 3, F, H, W] -> [N, 3, F, size, size], bilinear, frame by frame."""
+    if clips.shape[-1] == size:
+        return clips
+    flat = clips.transpose(1, 2).flatten(0, 1)
+    flat = torch.nn.functional.interpolate(flat, size=(size, size), mode="bilinear", align_corners=False)
+    return flat.unflatten(0, (len(clips), clips.shape[2])).transpose(1, 2).clamp(0, 1)
+
+
+def image_model_for(video: SelfCascadePipeline, name: str | None) -> tuple[str, SelfCascadePipeline]:
+    """``name``, or the shipped image model of the video model's base size (v3's for its sibling, v2's for v2's)."""
+    base = video.backbone.base_size[0]
+    for candidate in [name] if name else ["embedded", "embedded-v2"]:
+        image = SelfCascadePipeline.from_pretrained(candidate)
+        if image.backbone.base_size[0] == base:
+            return candidate, image
+    raise ValueError(f"--image-model {name} samples at {image.backbone.base_size[0]} px, the video model at {base} "
+                     "px: give the image model the video model was inflated from.")
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     video = SelfCascadePipeline.from_pretrained(args.model)
-    image = SelfCascadePipeline.from_pretrained(args.image_model)
+    args.image_model, image = image_model_for(video, args.image_model)
     frames, base = video.backbone.default_num_frames, video.backbone.base_size[0]
-    if image.backbone.base_size[0] != base:
-        raise ValueError(f"--image-model {args.image_model} samples at {image.backbone.base_size[0]} px, the video model "
-                         f"at {base} px: give the image model the video model was inflated from.")
     size = 2 * base  # the protocols upscale base -> 2 x base
     low, captions, motions = load_eval_clips(base, args.num_clips, frames)
     high, _, _ = load_eval_clips(size, args.num_clips, frames)
@@ -97,14 +115,13 @@ def run(args: argparse.Namespace) -> list[dict]:
             "s_per_clip": round(seconds / len(clips), 3),
         }
         rows.append(row)
-        shown[f"{protocol}/{method}"] = clips[: args.show]
+        shown[f"{protocol}/{method}"] = resize_clips(clips[: args.show], size)  # one GIF grid: all at one size
         print(row, flush=True)
 
     record("upscale", f"real {size} px", high, 0.0)
     start = time.perf_counter()
-    bilinear = torch.nn.functional.interpolate(low.transpose(1, 2).flatten(0, 1), size=(size, size), mode="bilinear",
-                                               align_corners=False).unflatten(0, (len(low), frames)).transpose(1, 2)
-    record("upscale", "bilinear", bilinear.clamp(0, 1), time.perf_counter() - start)
+    bilinear = resize_clips(low, size)
+    record("upscale", "bilinear", bilinear, time.perf_counter() - start)
     for mode, extra in modes.items():
         start, outs = time.perf_counter(), []
         for i, caption in enumerate(captions):
@@ -118,6 +135,11 @@ def run(args: argparse.Namespace) -> list[dict]:
         outs.append(out.transpose(0, 1)[None])
     record("upscale", "image model per frame, tuned", torch.cat(outs), time.perf_counter() - start)
 
+    record("generate", f"real {base} px", low, 0.0)
+    start, outs = time.perf_counter(), []
+    for i, caption in enumerate(captions):
+        outs.append(frames_of(video(caption, base, base, mode="direct", seed=args.seed + i, **common)))
+    record("generate", f"video model at {base} px (its base size)", torch.cat(outs), time.perf_counter() - start)
     for mode, extra in {"direct": {}, **modes}.items():
         start, outs = time.perf_counter(), []
         for i, caption in enumerate(captions):
@@ -128,13 +150,13 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def write(rows: list[dict], shown: dict[str, torch.Tensor], args: argparse.Namespace, base: int) -> None:
-    stem = RESULTS / f"video_{Path(args.model).name}"
+    stem = args.results / f"video_{Path(args.model).name}"
     lines = [
         f"# Video self-cascade at 4x pixels ({args.model}, {base} -> {2 * base} px)", "",
         f"Device: {device_name(args.threads)}; torch {torch.__version__}. {args.num_clips} held-out emoji motion clips "
         f"(eval split), {args.steps} DDIM steps, the models' default guidance and K, seeds from {args.seed}. "
         f"Command: `python benchmarks/eval_video.py --model {args.model} --image-model {args.image_model} "
-        f"--num-clips {args.num_clips} --steps {args.steps}`. "
+        f"--num-clips {args.num_clips} --steps {args.steps} --results {args.results}`. "
         "Warping error and L1 in [0, 1] pixel units (lower is better); feature consistency: cosine similarity "
         "of consecutive frames' emoji-CNN features (higher is steadier). See the script's docstring for the protocols.", "",
         "| protocol | method | clips | warping error | frame difference | feature consistency | L1 to real | s / clip |",
@@ -153,16 +175,17 @@ def write(rows: list[dict], shown: dict[str, torch.Tensor], args: argparse.Names
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="embedded-video", help="video model (default: v2's pixel-space one, 32 px)")
-    parser.add_argument("--image-model", default="embedded-v2",
-                        help="image model of the video model's base size, for the per-frame baseline (default: v2's; "
-                             "for a v3 video folder: embedded)")
+    parser.add_argument("--model", default="embedded-video", help="video model (default: the shipped one)")
+    parser.add_argument("--image-model", default=None,
+                        help="image model of the video model's base size, for the per-frame baseline (default: the "
+                             "shipped one of that size: embedded for v3's sibling, embedded-v2 for embedded-video-v2)")
     parser.add_argument("--bank", default=None, help="upsampler bank for the tuned rows (default: the model's shipped ones)")
     parser.add_argument("--num-clips", type=int, default=32)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--show", type=int, default=4, help="clips per row of the GIF")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results", type=Path, default=RESULTS / "v3", help="folder for the table and GIF")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     run(args)

@@ -127,7 +127,7 @@ def test_export_is_a_stock_video_folder_the_cascade_runs(tmp_path: Path, image_m
 
     out = tmp_path / "video"
     train_sd_video.train(_args(tmp_path / "run", image_model, "--max-steps", "2", "--export", str(out)), data)
-    assert json.loads((out / "selfcascade.json").read_text()) == {"K": 600, "guidance_scale": 5.0}
+    assert json.loads((out / "selfcascade.json").read_text()) == {"K": 600, "guidance_scale": 5.0, "num_frames": 2}
     summary = json.loads((out / "train_state.json").read_text())
     assert summary["frames"] == 2 and summary["init_from"]["path"] == str(image_model)
     for loader in ("TextToVideoSDPipeline", "DiffusionPipeline"):
@@ -139,7 +139,8 @@ def test_export_is_a_stock_video_folder_the_cascade_runs(tmp_path: Path, image_m
         assert frames.shape == (1, 2, 32, 32, 3)
     cascade = SelfCascadePipeline.from_pretrained(out, device="cpu")
     assert type(cascade.backbone).__name__ == "VideoBackbone" and cascade.backbone.default_k == 600
-    video = cascade("red apple, moving right", 64, 64, num_frames=2, num_inference_steps=2, seed=0,
+    assert cascade.backbone.default_num_frames == 2  # the clip length it was trained on, not diffusers' 16
+    video = cascade("red apple, moving right", 64, 64, num_inference_steps=2, seed=0,
                     mode="tuning-free", output_type="pt").frames
     assert video.shape == (1, 2, 3, 64, 64) and torch.isfinite(video).all()
 
@@ -157,7 +158,7 @@ def test_ship_puts_the_sibling_beside_the_image_model_as_embedded_video(tmp_path
     shutil.copytree(image_model / "vae", package / "vae")
     train_sd_video.ship_run(tmp_path / "run")
     video_dir = package / "video"
-    assert json.loads((video_dir / "selfcascade.json").read_text()) == {"K": 600, "guidance_scale": 5.0}
+    assert json.loads((video_dir / "selfcascade.json").read_text()) == {"K": 600, "guidance_scale": 5.0, "num_frames": 2}
     assert json.loads((video_dir / "train_state.json").read_text())["train_steps"] == 2
     assert json.loads((video_dir / "unet" / "config.json").read_text())["_class_name"] == "UNet3DConditionModel"
     cascade = SelfCascadePipeline.from_pretrained("embedded-video", device="cpu")

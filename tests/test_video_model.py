@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfcascade import train_base
+from selfcascade import SelfCascadePipeline, train_base
 from selfcascade.backbones.embedded import zoom_label
 from selfcascade.train_base import SCALE_CONDITIONING, build_unet, inflate_unet, video_config
 
@@ -111,3 +111,10 @@ def test_generate_video_defaults_to_the_shipped_video_model(tmp_path: Path, caps
     settings = json.loads(capsys.readouterr().out.split("\nscale plan")[0])
     assert settings["model"] == "embedded-video" and settings["frames"] == 8  # the model's own frame count
     assert not (tmp_path / "apple.gif").exists()
+
+
+def test_v2s_video_model_keeps_a_name_of_its_own() -> None:
+    """`embedded-video` moves to v3's sibling once it ships; v2's stays loadable (its results are reproduced so)."""
+    cascade = SelfCascadePipeline.from_pretrained("embedded-video-v2", device="cpu")
+    assert type(cascade.backbone).__name__ == "EmbeddedBackbone" and cascade.backbone.is_video
+    assert cascade.backbone.base_size == (32, 32) and cascade.backbone.name == "embedded-video-v2"

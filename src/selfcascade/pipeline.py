@@ -61,8 +61,8 @@ OutputType = Literal["pil", "np", "pt", "latent"]
 #: weights are in the install (``embedded_sd.is_shipped``), else the v2 pixel-space model.
 EMBEDDED_NAME = "embedded"
 #: Names that load a pixel-space model shipped inside the package (v2 and its video sibling; "embedded-video" is
-#: v3's video sibling once its weights are in the install, ``embedded_sd.SHIPPED_VIDEO_DIR``).
-EMBEDDED_NAMES = (EMBEDDED_NAME, "embedded-v2", "embedded-video")
+#: v3's video sibling once its weights are in the install, ``embedded_sd.SHIPPED_VIDEO_DIR``, and v2's until then).
+EMBEDDED_NAMES = (EMBEDDED_NAME, "embedded-v2", "embedded-video", "embedded-video-v2")
 
 
 def default_device() -> torch.device:

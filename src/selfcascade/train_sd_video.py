@@ -162,7 +162,12 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
     state, unet = _run_unet(run_dir)
     init_dir = image_model_dir(state["args"]["init_from"])
     return save_sd_folder(out_dir, unet, AutoencoderKL.from_pretrained(init_dir / "vae"), state["args"]["max_length"],
-                          build_sd_scheduler(state["prediction_type"]), state, folder_sampling(init_dir))
+                          build_sd_scheduler(state["prediction_type"]), state, _sampling(init_dir, state))
+
+
+def _sampling(image_dir: Path, state: dict) -> dict:
+    """The image model's sampling defaults, and the clip length the sibling was trained on."""
+    return {**folder_sampling(image_dir), "num_frames": state["args"]["frames"]}
 
 
 def ship_run(run_dir: Path, folder: Path | None = None) -> Path:
@@ -175,7 +180,7 @@ def ship_run(run_dir: Path, folder: Path | None = None) -> Path:
         raise FileNotFoundError(f"{folder.parent / 'vae'} not found: the video sibling ships inside the image model's "
                                 "folder, whose VAE it decodes with.")
     ship_parts(folder, unet, build_sd_scheduler(state["prediction_type"]),
-               folder_sampling(image_model_dir(state["args"]["init_from"])), state)
+               _sampling(image_model_dir(state["args"]["init_from"]), state), state)
     logger.info("shipped step %d of %s into %s", state["step"], run_dir, folder)
     return folder
 

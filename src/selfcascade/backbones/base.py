@@ -139,13 +139,16 @@ class Backbone:
         if settings.get("zoom_cue"):
             self.zoom_cue = str(settings["zoom_cue"])
             self.zoom_factors = tuple(int(z) for z in settings.get("zoom_factors", (2, 4)))
+        if settings.get("num_frames") is not None and self.is_video:  # the clip length a video model was trained on
+            self.default_num_frames = int(settings["num_frames"])
 
     def model_settings(self) -> dict[str, Any]:
         """The sampling defaults ``use_model_folder`` reads, as ``selfcascade.json`` holds them (unset ones left out)."""
         settings = {"guidance_scale": self.default_guidance_scale, "refine_guidance_scale": self.default_refine_guidance_scale,
                     "K": self.sampling_k, "pivot_space": None if self.pivot_space == "latent" else self.pivot_space,
                     "zoom_cue": self.zoom_cue,
-                    "zoom_factors": list(self.zoom_factors) if self.zoom_cue else None}
+                    "zoom_factors": list(self.zoom_factors) if self.zoom_cue else None,
+                    "num_frames": self.default_num_frames}
         return {k: v for k, v in settings.items() if v is not None}
 
     # ----------------------------------------------------------------------------- properties

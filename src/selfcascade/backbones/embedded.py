@@ -20,7 +20,8 @@ from .base import Backbone, PromptEmbeds
 #: Where the shipped weights live inside the installed package, by the name that loads them.
 SHIPPED = {"embedded": Path(__file__).resolve().parent.parent / "embedded_model",
            "embedded-v2": Path(__file__).resolve().parent.parent / "embedded_model",
-           "embedded-video": Path(__file__).resolve().parent.parent / "embedded_video_model"}
+           "embedded-video": Path(__file__).resolve().parent.parent / "embedded_video_model",
+           "embedded-video-v2": Path(__file__).resolve().parent.parent / "embedded_video_model"}
 SHIPPED_DIR = SHIPPED["embedded"]
 CONFIG_NAME = "selfcascade_model.json"
 #: Scale conditioning: class label per doubling of the object scale, in timestep units (zoom 1, 2, 4, 8 ->

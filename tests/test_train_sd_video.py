@@ -166,6 +166,11 @@ def test_ship_puts_the_sibling_beside_the_image_model_as_embedded_video(tmp_path
     assert cascade.backbone.default_k == 600
     from selfcascade.train_sd import export_embedded
 
+    from selfcascade.model_card import SAMPLES_GIF, write_model_card
+
+    card = write_model_card(video_dir, captions=["red apple, fruit, noto style"], steps=1).read_text()
+    assert "# selfcascade embedded video model" in card and "2 steps at batch 4 clips" in card
+    assert "2 frames (`selfcascade.json`)" in card and (video_dir / SAMPLES_GIF).is_file()
     exported = export_embedded(tmp_path / "stock", video_dir)
     assert json.loads((exported / "model_index.json").read_text())["_class_name"] == "TextToVideoSDPipeline"
     video = cascade("red apple, moving right", 64, 64, num_frames=2, num_inference_steps=2, seed=0,

@@ -106,10 +106,12 @@ def test_video_training_exports_a_model_the_pipeline_samples_clips_with(tmp_path
 def test_generate_video_defaults_to_the_shipped_video_model(tmp_path: Path, capsys) -> None:
     from selfcascade.cli import main
 
-    assert main(["generate-video", "red apple, fruit, noto style, moving right", "--size", "64", "--dry-run",
+    assert main(["generate-video", "red apple, fruit, noto style, moving right", "--size", "256", "--dry-run",
                  "--device", "cpu", "-o", str(tmp_path / "apple.gif")]) == 0
-    settings = json.loads(capsys.readouterr().out.split("\nscale plan")[0])
-    assert settings["model"] == "embedded-video" and settings["frames"] == 8  # the model's own frame count
+    out = capsys.readouterr().out
+    settings = json.loads(out.split("\nscale plan")[0])
+    assert settings["model"] == "embedded-video" and settings["frames"] == 8  # the clip length it was trained on
+    assert "base 128x128 -> target 256x256" in out  # v3's sibling: 128 px clips, one cascade stage above
     assert not (tmp_path / "apple.gif").exists()
 
 

@@ -3,6 +3,7 @@
 
     python -m selfcascade.model_card src/selfcascade/embedded_model    # v2 (pixel space) and its video sibling
     python -m selfcascade.model_card src/selfcascade/embedded_v3       # v3 (the tiny Stable Diffusion)
+    python -m selfcascade.model_card src/selfcascade/embedded_v3/video # v3's video sibling
 
 The card's numbers (steps, wall time, hardware, data, recipe) come from the ``selfcascade_model.json`` that
 ``selfcascade train-base --export`` writes, or for v3 the ``train_state.json`` that ``train-sd --ship`` writes;
@@ -150,6 +151,12 @@ def bank_rows(model_dir: Path) -> list[str]:
     return rows
 
 
+def _rate(state: dict) -> str:
+    """The learning rate and its schedule, as a trainer on ``training.train_loop`` ran it."""
+    decay = f", linear decay to 0 over the last {state['cooldown']:,} steps" if state.get("cooldown") else ""
+    return f"{state['lr']:g} (warm-up {state['warmup']}{decay})"
+
+
 def sd_card_text(state: dict, sampling: dict, parameters: int, steps: int = 50, banks: Sequence[str] = (),
                  measured: str | None = None) -> str:
     """The v3 card: a tiny Stable Diffusion; numbers from the run's ``train_state.json``, measurements (with the
@@ -180,9 +187,7 @@ def sd_card_text(state: dict, sampling: dict, parameters: int, steps: int = 50, 
         f"| objective | {state['prediction_type']} prediction on SD's scaled-linear schedule (1000 steps), min-SNR-"
         f"{state['min_snr_gamma']:g} weighting, caption dropout {state['caption_dropout']:g} (for guidance) |",
         f"| training | {state['train_steps'] + previous.get('steps', 0):,} steps at batch {state['batch_size']}, AdamW lr "
-        f"{state['lr']:g} (warm-up {state['warmup']}"
-        + (f", linear decay to 0 over the last {state['cooldown']:,} steps" if state.get("cooldown") else "")
-        + f"), EMA {state['ema_decay']:g} (exported)"
+        f"{_rate(state)}, EMA {state['ema_decay']:g} (exported)"
         + (f"; the last {state['train_steps']:,} continue from the weights of an earlier run of "
            f"{previous['steps']:,} steps ({previous['seconds'] / 3600:.1f} h"
            + (f", {previous['prediction_type']} prediction"
@@ -206,25 +211,77 @@ def sd_card_text(state: dict, sampling: dict, parameters: int, steps: int = 50, 
     return "\n".join(lines)
 
 
+def sd_video_card_text(state: dict, sampling: dict, parameters: int, steps: int = 50, banks: Sequence[str] = (),
+                       measured: str | None = None) -> str:
+    """The card of v3's video sibling (``train-sd-video --ship``): numbers from its ``train_state.json``."""
+    image = state["init_from"]
+    hours = (state["train_seconds"] + image["seconds"]) / 3600
+    lines = [
+        "# selfcascade embedded video model (v3's video sibling)", "",
+        "A small latent text-to-video model: the v3 image model's UNet inflated to a diffusers "
+        "`UNet3DConditionModel` (spatial weights copied, temporal layers added as identities) and trained on emoji "
+        "motion clips, decoding each frame with v3's VAE (`../vae`). `selfcascade export-embedded DIR --video` writes "
+        "it as a stock `TextToVideoSDPipeline` folder. It exists to measure the self-cascade on video offline.", "",
+        "| | |", "|---|---|",
+        f"| UNet | diffusers UNet3DConditionModel, {parameters:,} parameters, 16x16 latents = 128 px, "
+        f"{state['frames']} frames |",
+        "| data | the emoji motion clips (`selfcascade data clips`: a train-split emoji moved, spun or bounced by a "
+        "known affine, captioned `<emoji caption>, <motion words>`) at 128 px |",
+        f"| objective | {state['prediction_type']} prediction on SD's scaled-linear schedule, min-SNR-"
+        f"{state['min_snr_gamma']:g}, caption dropout {state['caption_dropout']:g} |",
+        f"| training | {state['train_steps']:,} steps at batch {state['batch_size']} clips, AdamW lr {_rate(state)}, "
+        f"EMA {state['ema_decay']:g} (exported); started from the image model "
+        f"(`{image['path']}`, {image['steps']:,} steps) |",
+        f"| wall time | {state['train_seconds'] / 3600:.1f} h on clips (last on {state.get('hardware', 'unrecorded')}), "
+        f"{hours:.1f} h with the image model's |",
+        f"| sampling defaults | K {sampling.get('K', 700)}, {sampling.get('pivot_space', 'latent')} pivots, guidance "
+        f"{sampling.get('guidance_scale', 7.5):g}, {sampling.get('num_frames', state['frames'])} frames "
+        "(`selfcascade.json`) |",
+        *([f"| banks (tuned mode) | {'; '.join(banks)}; the video model frozen, tuned on clips |"] if banks else []),
+        *(["", "## Measured", "", measured.strip()] if measured else []),
+        "", f"![held-out captions]({SAMPLES_GIF})", "",
+        f"`{SAMPLES_GIF}`: held-out captions with motion words, seeds 0-3, base size, {steps} DDIM steps. Regenerate "
+        "with `python -m selfcascade.model_card src/selfcascade/embedded_v3/video`.", "",
+    ]
+    return "\n".join(lines)
+
+
+def _write_sd_card(model_dir: Path, captions: Sequence[str], steps: int) -> Path:
+    """v3 (``train-sd --ship``) or its video sibling (``train-sd-video --ship``): card and samples."""
+    from diffusers import UNet2DConditionModel, UNet3DConditionModel
+
+    from .backbones.base import MODEL_SETTINGS_FILE
+
+    state = json.loads((model_dir / "train_state.json").read_text())
+    sampling_file = model_dir / MODEL_SETTINGS_FILE
+    sampling = json.loads(sampling_file.read_text()) if sampling_file.is_file() else {}
+    unet_config = json.loads((model_dir / "unet" / "config.json").read_text())
+    video = unet_config["_class_name"] == "UNet3DConditionModel"
+    unet_class = UNet3DConditionModel if video else UNet2DConditionModel
+    parameters = sum(p.numel() for p in unet_class.from_config(unet_config).parameters())
+    measured = model_dir / MEASURED_MD
+    measured_text = measured.read_text() if measured.is_file() else None
+    if video:  # its summary leaves the objective to the scheduler it ships
+        scheduler = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
+        state = {**state, "prediction_type": scheduler.get("prediction_type", "epsilon")}
+        moving = [f"{c}, {MOTION_WORDS[i % len(MOTION_WORDS)]}" for i, c in enumerate(captions[:4])]
+        save_video(sample_grid(model_dir, moving, steps=steps, cell=128), model_dir / SAMPLES_GIF, fps=4)
+        text = sd_video_card_text(state, sampling, parameters, steps, bank_rows(model_dir), measured_text)
+    else:
+        save_png(sample_grid(model_dir, TRAIN_CAPTIONS, steps=steps, cell=128), model_dir / SAMPLES_TRAIN_PNG)
+        save_png(sample_grid(model_dir, captions, steps=steps, cell=128), model_dir / SAMPLES_PNG)
+        text = sd_card_text(state, sampling, parameters, steps, bank_rows(model_dir), measured_text)
+    readme = model_dir / "README.md"
+    with atomic_path(readme) as tmp:
+        tmp.write_text(text)
+    return readme
+
+
 def write_model_card(model_dir: str | os.PathLike, captions: Sequence[str] = HELD_OUT_CAPTIONS,
                      steps: int = 50) -> Path:
     model_dir = Path(model_dir)
-    if (model_dir / "train_state.json").is_file() and (model_dir / "unet").is_dir():  # v3 (train-sd --ship)
-        from .backbones.base import MODEL_SETTINGS_FILE
-        from .embedded_sd import build_sd_unet
-
-        state = json.loads((model_dir / "train_state.json").read_text())
-        sampling_file = model_dir / MODEL_SETTINGS_FILE
-        sampling = json.loads(sampling_file.read_text()) if sampling_file.is_file() else {}
-        parameters = sum(p.numel() for p in build_sd_unet(state["unet_config"]).parameters())
-        save_png(sample_grid(model_dir, TRAIN_CAPTIONS, steps=steps, cell=128), model_dir / SAMPLES_TRAIN_PNG)
-        save_png(sample_grid(model_dir, captions, steps=steps, cell=128), model_dir / SAMPLES_PNG)
-        readme = model_dir / "README.md"
-        with atomic_path(readme) as tmp:
-            measured = model_dir / MEASURED_MD
-            tmp.write_text(sd_card_text(state, sampling, parameters, steps, bank_rows(model_dir),
-                                        measured.read_text() if measured.is_file() else None))
-        return readme
+    if (model_dir / "train_state.json").is_file() and (model_dir / "unet").is_dir():  # v3 or its video sibling
+        return _write_sd_card(model_dir, captions, steps)
     info_path = model_dir / "selfcascade_model.json"
     if not info_path.is_file():
         raise FileNotFoundError(f"{info_path} not found: export a model first (`selfcascade train-base --export DIR`).")

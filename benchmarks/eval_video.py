@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -156,7 +157,7 @@ def write(rows: list[dict], shown: dict[str, torch.Tensor], args: argparse.Names
         f"Device: {device_name(args.threads)}; torch {torch.__version__}. {args.num_clips} held-out emoji motion clips "
         f"(eval split), {args.steps} DDIM steps, the models' default guidance and K, seeds from {args.seed}. "
         f"Command: `python benchmarks/eval_video.py --model {args.model} --image-model {args.image_model} "
-        f"--num-clips {args.num_clips} --steps {args.steps} --results {args.results}`. "
+        f"--num-clips {args.num_clips} --steps {args.steps} --results {os.path.relpath(args.results, RESULTS.parent)}` (from `benchmarks/`). "
         "Warping error and L1 in [0, 1] pixel units (lower is better); feature consistency: cosine similarity "
         "of consecutive frames' emoji-CNN features (higher is steadier). See the script's docstring for the protocols.", "",
         "| protocol | method | clips | warping error | frame difference | feature consistency | L1 to real | s / clip |",

@@ -184,7 +184,7 @@ def sd_card_text(state: dict, sampling: dict, parameters: int, steps: int = 50, 
         "states with its attention mask, as `text_encoder`/`tokenizer` |",
         "| data | the emoji data set's train split (OpenMoji, Twemoji, Noto, Fluent renders at 128 px; captions "
         "`<label>, <tags>, <style> style`)" + zoom + " |",
-        f"| objective | {state['prediction_type']} prediction on SD's scaled-linear schedule (1000 steps), min-SNR-"
+        f"| objective | {state['prediction_type'].replace('_', '-')} on SD's scaled-linear schedule (1000 steps), min-SNR-"
         f"{state['min_snr_gamma']:g} weighting, caption dropout {state['caption_dropout']:g} (for guidance) |",
         f"| training | {state['train_steps'] + previous.get('steps', 0):,} steps at batch {state['batch_size']}, AdamW lr "
         f"{_rate(state)}, EMA {state['ema_decay']:g} (exported)"
@@ -227,7 +227,7 @@ def sd_video_card_text(state: dict, sampling: dict, parameters: int, steps: int 
         f"{state['frames']} frames |",
         "| data | the emoji motion clips (`selfcascade data clips`: a train-split emoji moved, spun or bounced by a "
         "known affine, captioned `<emoji caption>, <motion words>`) at 128 px |",
-        f"| objective | {state['prediction_type']} prediction on SD's scaled-linear schedule, min-SNR-"
+        f"| objective | {state['prediction_type'].replace('_', '-')} on SD's scaled-linear schedule, min-SNR-"
         f"{state['min_snr_gamma']:g}, caption dropout {state['caption_dropout']:g} |",
         f"| training | {state['train_steps']:,} steps at batch {state['batch_size']} clips, AdamW lr {_rate(state)}, "
         f"EMA {state['ema_decay']:g} (exported); started from the image model "

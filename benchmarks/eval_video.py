@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from bench_inference import device_name, write_results
+from selfcascade.backbones.base import resize_spatial
 from selfcascade.data.emoji import default_cache_dir
 from selfcascade.data.emoji_clips import clips_dir, read_motion
 from selfcascade.io import save_video
@@ -67,15 +68,6 @@ def feature_consistency(extractor, clip: torch.Tensor) -> float:
     """Mean cosine similarity of consecutive frames' features; ``clip`` [3, F, H, W] in [0, 1]."""
     feats = torch.nn.functional.normalize(extractor(clip.transpose(0, 1)).float(), dim=1)
     return (feats[1:] * feats[:-1]).sum(1).mean().item()
-
-
-def resize_clips(clips: torch.Tensor, size: int) -> torch.Tensor:
-    """[N, 3, F, H, W] -> [N, 3, F, size, size], bilinear, frame by frame."""
-    if clips.shape[-1] == size:
-        return clips
-    flat = clips.transpose(1, 2).flatten(0, 1)
-    flat = torch.nn.functional.interpolate(flat, size=(size, size), mode="bilinear", align_corners=False)
-    return flat.unflatten(0, (len(clips), clips.shape[2])).transpose(1, 2).clamp(0, 1)
 
 
 def image_model_for(video: SelfCascadePipeline, name: str | None) -> tuple[str, SelfCascadePipeline]:
@@ -116,12 +108,12 @@ def run(args: argparse.Namespace) -> list[dict]:
             "s_per_clip": round(seconds / len(clips), 3),
         }
         rows.append(row)
-        shown[f"{protocol}/{method}"] = resize_clips(clips[: args.show], size)  # one GIF grid: all at one size
+        shown[f"{protocol}/{method}"] = resize_spatial(clips[: args.show], (size, size), "bilinear")  # one GIF grid
         print(row, flush=True)
 
     record("upscale", f"real {size} px", high, 0.0)
     start = time.perf_counter()
-    bilinear = resize_clips(low, size)
+    bilinear = resize_spatial(low, (size, size), "bilinear").clamp(0, 1)
     record("upscale", "bilinear", bilinear, time.perf_counter() - start)
     for mode, extra in modes.items():
         start, outs = time.perf_counter(), []

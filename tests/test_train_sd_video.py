@@ -159,7 +159,8 @@ def test_ship_puts_the_sibling_beside_the_image_model_as_embedded_video(tmp_path
     train_sd_video.ship_run(tmp_path / "run")
     video_dir = package / "video"
     assert json.loads((video_dir / "selfcascade.json").read_text()) == {"K": 600, "guidance_scale": 5.0, "num_frames": 2}
-    assert json.loads((video_dir / "train_state.json").read_text())["train_steps"] == 2
+    summary = json.loads((video_dir / "train_state.json").read_text())
+    assert summary["train_steps"] == 2 and summary["prediction_type"] == "epsilon"  # the image model's objective
     assert json.loads((video_dir / "unet" / "config.json").read_text())["_class_name"] == "UNet3DConditionModel"
     cascade = SelfCascadePipeline.from_pretrained("embedded-video", device="cpu")
     assert cascade.backbone.name == "embedded-video" and type(cascade.backbone).__name__ == "VideoBackbone"

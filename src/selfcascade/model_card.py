@@ -250,20 +250,17 @@ def _write_sd_card(model_dir: Path, captions: Sequence[str], steps: int) -> Path
     """v3 (``train-sd --ship``) or its video sibling (``train-sd-video --ship``): card and samples."""
     from diffusers import UNet2DConditionModel, UNet3DConditionModel
 
-    from .backbones.base import MODEL_SETTINGS_FILE
+    from .embedded_sd import folder_sampling
 
     state = json.loads((model_dir / "train_state.json").read_text())
-    sampling_file = model_dir / MODEL_SETTINGS_FILE
-    sampling = json.loads(sampling_file.read_text()) if sampling_file.is_file() else {}
+    sampling = folder_sampling(model_dir)
     unet_config = json.loads((model_dir / "unet" / "config.json").read_text())
     video = unet_config["_class_name"] == "UNet3DConditionModel"
     unet_class = UNet3DConditionModel if video else UNet2DConditionModel
     parameters = sum(p.numel() for p in unet_class.from_config(unet_config).parameters())
     measured = model_dir / MEASURED_MD
     measured_text = measured.read_text() if measured.is_file() else None
-    if video:  # its summary leaves the objective to the scheduler it ships
-        scheduler = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
-        state = {**state, "prediction_type": scheduler.get("prediction_type", "epsilon")}
+    if video:
         moving = [f"{c}, {MOTION_WORDS[i % len(MOTION_WORDS)]}" for i, c in enumerate(captions[:4])]
         save_video(sample_grid(model_dir, moving, steps=steps, cell=128), model_dir / SAMPLES_GIF, fps=4)
         text = sd_video_card_text(state, sampling, parameters, steps, bank_rows(model_dir), measured_text)

@@ -110,6 +110,8 @@ def write_train_summary(folder: Path, state: dict) -> None:
     """``train_state.json`` beside exported weights: steps, wall time, hardware, final loss and the run's settings."""
     summary = {"train_steps": state["step"], "train_seconds": round(state["train_seconds"]),
                "hardware": state.get("hardware", ""), "loss": state.get("loss"), **state["args"]}
+    if "prediction_type" in state:  # an objective taken from the starting weights, not given as an argument
+        summary.setdefault("prediction_type", state["prediction_type"])
     if "init_from" in state:  # a run continued from another run's weights
         summary["init_from"] = state["init_from"]
     (folder / "train_state.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -77,8 +77,9 @@ def image_model_for(video: SelfCascadePipeline, name: str | None) -> tuple[str, 
         image = SelfCascadePipeline.from_pretrained(candidate)
         if image.backbone.base_size[0] == base:
             return candidate, image
-    raise ValueError(f"--image-model {name} samples at {image.backbone.base_size[0]} px, the video model at {base} "
-                     "px: give the image model the video model was inflated from.")
+    what = f"--image-model {name} samples" if name else "no shipped image model samples"
+    raise ValueError(f"{what} at {base} px, the video model's base size: give as --image-model the image model the "
+                     "video model was inflated from.")
 
 
 def run(args: argparse.Namespace) -> list[dict]:

@@ -6,6 +6,10 @@
 #   bash benchmarks/reproduce_table.sh                          # v3 (MODEL=embedded): 4x and 16x, 8 images
 #   MODEL=embedded-v2 IMAGES=16 THREADS=2 bash benchmarks/reproduce_table.sh   # the published v2 table (~3 h)
 #   SIZES64=1 bash benchmarks/reproduce_table.sh                # also 64x (v3: 1024 px, hours per method on a CPU)
+#   ONLY4X=1 bash benchmarks/reproduce_table.sh                 # stop after 4x: curves and time to quality
+#
+# RESULTS (default benchmarks/results) is where the table goes; TABLE (default $RUNS/table) caches its images, so a
+# folder of an earlier table run of the same model and settings is reused image for image.
 #
 # Every step resumes: training runs from their last checkpoint (a finished run only re-exports), the table from the
 # images cached under $RUNS/table. Fair budgets: at 4x every trained row (upsampler bank, full fine-tuning, LoRA r4
@@ -19,6 +23,9 @@ MODEL=${MODEL:-embedded}
 RUNS=${RUNS:-runs/bench-$MODEL}
 THREADS=${THREADS:-2}
 STEPS=${STEPS:-25}
+RESULTS=${RESULTS:-benchmarks/results}
+TABLE=${TABLE:-$RUNS/table}
+ONLY4X=${ONLY4X:-0}
 case "$MODEL" in
   embedded-v2) BASE=32; IMAGES=${IMAGES:-16}; REPEATS=${REPEATS:-2} ;;
   embedded) BASE=128; IMAGES=${IMAGES:-8}; REPEATS=${REPEATS:-1} ;;
@@ -31,7 +38,7 @@ BIG=$S16; [ "$SIZES64" = 1 ] && BIG="$S16 $S64"
   echo "needs the bench and baselines extras: $PY -m pip install -e '.[bench,baselines]'" >&2; exit 1; }
 sc() { "$PY" -m selfcascade.cli "$@" --model "$MODEL"; }
 table() { "$PY" benchmarks/bench_table.py --num-images "$IMAGES" --steps "$STEPS" --repeats "$REPEATS" \
-  --threads "$THREADS" --out "$RUNS/table" --model "$MODEL" "$@"; }
+  --threads "$THREADS" --out "$TABLE" --results "$RESULTS" --model "$MODEL" "$@"; }
 
 "$PY" -m selfcascade.cli data build --sizes "$(echo "$BASE $S4 $BIG" | tr ' ' ,)" --workers 2
 
@@ -48,6 +55,7 @@ table --sizes "$S4" --bank "$RUNS/bank$S4" --full "$RUNS/ft$S4-full" --lora4 "$R
   --lora32 "$RUNS/ft$S4-lora32"
 table --sizes --curves --curve-size "$S4" --bank "$RUNS/bank$S4" --full "$RUNS/ft$S4-full" \
   --lora4 "$RUNS/ft$S4-lora4" --lora32 "$RUNS/ft$S4-lora32"
+[ "$ONLY4X" = 1 ] && exit 0
 
 # 16x (and 64x): fine-tunes at 4x the base side, the shipped banks for the tuned row
 sc finetune --method full --size "$S16" --max-steps 300 --batch-size 8 --lr 1e-4 --threads "$THREADS" \

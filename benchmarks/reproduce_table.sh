@@ -12,7 +12,7 @@
 # folder of an earlier table run of the same model and settings is reused image for image.
 #
 # Every step resumes: training runs from their last checkpoint (a finished run only re-exports), the table from the
-# images cached under $RUNS/table. Fair budgets: at 4x every trained row (upsampler bank, full fine-tuning, LoRA r4
+# images cached under $TABLE. Fair budgets: at 4x every trained row (upsampler bank, full fine-tuning, LoRA r4
 # and r32) gets 500 steps at batch 8 on the same training images at 2x the base side, from scratch, with snapshots
 # every 125 steps for the curves; at 16x the fine-tunes get 300 steps at 4x the base side, and the tuned row uses the
 # model's shipped banks (their steps are in the table). 64x reuses the 16x fine-tunes and the banks.

@@ -8,8 +8,8 @@
 #   SIZES64=1 bash benchmarks/reproduce_table.sh                # also 64x (v3: 1024 px, hours per method on a CPU)
 #   ONLY4X=1 bash benchmarks/reproduce_table.sh                 # stop after 4x: curves and time to quality
 #
-# RESULTS (default benchmarks/results) is where the table goes; TABLE (default $RUNS/table) caches its images, so a
-# folder of an earlier table run of the same model and settings is reused image for image.
+# RESULTS (default: benchmarks/results) is where the table goes; TABLE (default: $RUNS/table) caches its images, so the
+# folder of an earlier table run of the same model and settings is reused, image for image.
 #
 # Every step resumes: training runs from their last checkpoint (a finished run only re-exports), the table from the
 # images cached under $TABLE. Fair budgets: at 4x every trained row (upsampler bank, full fine-tuning, LoRA r4

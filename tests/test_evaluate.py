@@ -270,6 +270,18 @@ def test_evaluate_end_to_end_and_resume(tiny_sd_dir: Path, fake_cache: Path, ext
     assert "delete it or write to another --out" in capsys.readouterr().err
 
 
+def test_missing_real_renders_fail_before_any_sampling(tiny_sd_dir: Path, fake_cache: Path, extractor_dir: Path,
+                                                       tmp_path: Path, capsys) -> None:
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--model", str(tiny_sd_dir), "--modes", "direct", "--sizes", "128", "--num-images", "2",
+            "--num-real", "4", "--steps", "2", "--features", "emoji", "--feature-weights", str(extractor_dir),
+            "--cache-dir", str(fake_cache), "--out", str(out), "--no-progress"]
+    assert not (fake_cache / "images" / "128").exists()
+    assert main(argv) == 2
+    assert "run `selfcascade data build --sizes 128`" in capsys.readouterr().err
+    assert not (out / "generated").exists()  # nothing sampled, not even the base samples
+
+
 def test_cached_images_of_other_weights_are_refused(tmp_path: Path) -> None:
     spec = GenerationSpec(model="tiny", mode="direct", size=32, steps=1, guidance=1.0, seed=0)
     first = SelfCascadePipeline.from_pipe(make_tiny_sd(seed=0))

@@ -306,6 +306,7 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
     """Run the evaluation described in the module docstring; returns the table rows (on the main process; other
     processes of ``accelerate launch`` generate their share of the images and return [])."""
     from .data.emoji import default_cache_dir, read_manifest
+    from .data.loader import check_images
     from .metrics import load_features
     from .processes import is_main_process, process_device
 
@@ -326,6 +327,10 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
 
         cascade = load_cascade(args)
     base = args.base_size or cascade.backbone.base_size[0]
+    sizes = args.sizes or (2 * base, 4 * base)
+    if args.generated is None and not args.real:  # the renders to score against must exist before hours of sampling
+        for size in sizes:
+            check_images(cache_dir, reference_records, size)
     extractor = load_features(args.features, args.feature_weights,
                               device=cascade.backbone.device if cascade is not None else "cpu")
     logger.info("features: %s", extractor.name)
@@ -351,7 +356,7 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
 
         if args.base_samples is None:
             base_folder = generated("direct", base)[0]
-        for size in args.sizes or (2 * base, 4 * base):
+        for size in sizes:
             for mode in args.modes:
                 folders[(size, mode)], timings[(size, mode)], peaks[(size, mode)] = generated(mode, size)
     if not is_main_process():

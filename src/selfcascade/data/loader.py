@@ -24,16 +24,21 @@ def caption_cache_path(cache_dir: Path, max_length: int = DEFAULT_MAX_LENGTH) ->
     return Path(cache_dir) / f"captions_minilm_l{max_length}.safetensors"
 
 
-def load_images(cache_dir: Path, records: list[dict], size: int, split: str | None,
-                progress: bool = True) -> torch.Tensor:
-    """uint8 [N, 3, size, size] of the records' renderings, written into one preallocated tensor: the train split
-    at 512 px is 9.6 GB, and stacking a list of arrays then permuting would hold it three times over."""
+def check_images(cache_dir: Path, records: list[dict], size: int) -> None:
+    """Raise, naming the command that renders them, if any of the records' renderings at ``size`` px is missing."""
     missing = [r["id"] for r in records if not image_path(cache_dir, size, r["id"]).exists()]
     if missing:
         raise FileNotFoundError(
             f"{len(missing)} image(s) at {size} px are missing under {cache_dir}/images/{size} "
             f"(e.g. {missing[0]}); run `selfcascade data build --sizes {size}`"
         )
+
+
+def load_images(cache_dir: Path, records: list[dict], size: int, split: str | None,
+                progress: bool = True) -> torch.Tensor:
+    """uint8 [N, 3, size, size] of the records' renderings, written into one preallocated tensor: the train split
+    at 512 px is 9.6 GB, and stacking a list of arrays then permuting would hold it three times over."""
+    check_images(cache_dir, records, size)
     out = torch.empty(len(records), 3, size, size, dtype=torch.uint8)
     for i, r in enumerate(tqdm(records, desc=f"loading {split or 'all'} {size} px", unit="img", mininterval=2,
                                disable=not progress)):

@@ -157,6 +157,12 @@ def _rate(state: dict) -> str:
     return f"{state['lr']:g} (warm-up {state['warmup']}{decay})"
 
 
+def _sampling(sampling: dict) -> str:
+    """A folder's sampling defaults (``embedded_sd.folder_sampling``): K, pivot space and guidance."""
+    return (f"K {sampling.get('K', 700)}, {sampling.get('pivot_space', 'latent')} pivots, guidance "
+            f"{sampling.get('guidance_scale', 7.5):g}")
+
+
 def sd_card_text(state: dict, sampling: dict, parameters: int, steps: int = 50, banks: Sequence[str] = (),
                  measured: str | None = None) -> str:
     """The v3 card: a tiny Stable Diffusion; numbers from the run's ``train_state.json``, measurements (with the
@@ -165,9 +171,8 @@ def sd_card_text(state: dict, sampling: dict, parameters: int, steps: int = 50, 
     zoom = (f"; {state['zoom_prob']:.0%} of each batch are 128 px windows of the "
             f"{'/'.join(f'{f}x' for f in state['zoom_factors'])} renders ({state['zoom_count']:,} per zoom), their "
             f"captions ending in the scale cue `{sampling.get('zoom_cue', '')}`") if state.get("zoom_prob") else ""
-    guidance = f"guidance {sampling.get('guidance_scale', 7.5):g}"
-    if sampling.get("refine_guidance_scale") is not None:
-        guidance += f" at the base size, {sampling['refine_guidance_scale']:g} at later cascade stages"
+    refine = (f" at the base size, {sampling['refine_guidance_scale']:g} at later cascade stages"
+              if sampling.get("refine_guidance_scale") is not None else "")
     lines = [
         "# selfcascade embedded model v3: a tiny Stable Diffusion", "",
         "A small latent text-to-image model in Stable Diffusion's layout, trained by this project so that selfcascade "
@@ -195,8 +200,7 @@ def sd_card_text(state: dict, sampling: dict, parameters: int, steps: int = 50, 
            + ")" if previous else "") + " |",
         f"| wall time | {(state['train_seconds'] + previous.get('seconds', 0)) / 3600:.1f} h of training in all, the last "
         f"{state['train_seconds'] / 3600:.1f} h on {state.get('hardware', 'unrecorded hardware')} |",
-        f"| sampling defaults | K {sampling.get('K', 700)}, {sampling.get('pivot_space', 'latent')} pivots, {guidance} "
-        "(`selfcascade.json`) |",
+        f"| sampling defaults | {_sampling(sampling)}{refine} (`selfcascade.json`) |",
         *([f"| banks (tuned mode) | {'; '.join(banks)}; the base model frozen, train split only |"] if banks else []),
         "| licence | code Apache-2.0; weights inherit the artwork licences (CC BY-SA 4.0, CC BY 4.0, Apache-2.0, MIT) |",
         *(["", "## Measured", "", measured.strip()] if measured else []),
@@ -234,8 +238,7 @@ def sd_video_card_text(state: dict, sampling: dict, parameters: int, steps: int 
         f"(`{image['path']}`, {image['steps']:,} steps) |",
         f"| wall time | {state['train_seconds'] / 3600:.1f} h on clips (last on {state.get('hardware', 'unrecorded')}), "
         f"{hours:.1f} h with the image model's |",
-        f"| sampling defaults | K {sampling.get('K', 700)}, {sampling.get('pivot_space', 'latent')} pivots, guidance "
-        f"{sampling.get('guidance_scale', 7.5):g}, {sampling.get('num_frames', state['frames'])} frames "
+        f"| sampling defaults | {_sampling(sampling)}, {sampling.get('num_frames', state['frames'])} frames "
         "(`selfcascade.json`) |",
         *([f"| banks (tuned mode) | {'; '.join(banks)}; the video model frozen, tuned on clips |"] if banks else []),
         *(["", "## Measured", "", measured.strip()] if measured else []),

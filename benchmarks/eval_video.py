@@ -46,13 +46,14 @@ from selfcascade.train_upsamplers import read_clip_frames
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def load_eval_clips(size: int, count: int, frames: int) -> tuple[torch.Tensor, list[str], list[torch.Tensor]]:
-    """The first ``count`` eval clips at ``size``: frames [N, 3, F, S, S] in [0, 1], captions, motions."""
-    folder = clips_dir(default_cache_dir(), size, "eval")
+def load_clips(size: int, count: int, frames: int,
+               split: str = "eval") -> tuple[torch.Tensor, list[str], list[torch.Tensor]]:
+    """The first ``count`` clips of ``split`` at ``size``: frames [N, 3, F, S, S] in [0, 1], captions, motions."""
+    folder = clips_dir(default_cache_dir(), size, split)
     metas = sorted(folder.glob("*.json"))[:count]
     if len(metas) < count:
-        raise FileNotFoundError(f"{len(metas)} eval clips at {size} px in {folder}; make them with "
-                                f"`selfcascade data clips --split eval --sizes {size // 2} {size} --count {count}`.")
+        raise FileNotFoundError(f"{len(metas)} {split} clips at {size} px in {folder}; make them with "
+                                f"`selfcascade data clips --split {split} --sizes {size // 2} {size} --count {count}`.")
     clips = [np.stack([np.asarray(f.convert("RGB")) for f in read_clip_frames(m.with_suffix(""), frames)]) for m in metas]
     pixels = torch.from_numpy(np.stack(clips)).permute(0, 4, 1, 2, 3).float() / 255
     captions = [json.loads(m.read_text())["caption"] for m in metas]
@@ -87,8 +88,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     args.image_model, image = image_model_for(video, args.image_model)
     frames, base = video.backbone.default_num_frames, video.backbone.base_size[0]
     size = 2 * base  # the protocols upscale base -> 2 x base
-    low, captions, motions = load_eval_clips(base, args.num_clips, frames)
-    high, _, _ = load_eval_clips(size, args.num_clips, frames)
+    low, captions, motions = load_clips(base, args.num_clips, frames)
+    high, _, _ = load_clips(size, args.num_clips, frames)
     extractor = load_features("emoji")
     common = dict(num_inference_steps=args.steps, output_type="pt", progress=False)
     modes = {"tuning-free": {}}
@@ -160,11 +161,15 @@ def write(rows: list[dict], shown: dict[str, torch.Tensor], args: argparse.Names
               f"{r['feature_consistency']} | {r['l1_to_real']} | {r['s_per_clip']} |" for r in rows]
     lines += ["", f"Clips (rows: methods as above; columns: the first {args.show} clips): ![clips]({stem.name}.gif)"]
     write_results(stem, rows, lines)
-    # One GIF: a grid with a row per method and a column per clip, frame by frame.
-    grid = torch.stack([torch.cat(list(clips), dim=-1) for clips in shown.values()])  # [M, 3, F, S, show*S]
-    grid = torch.cat(list(grid), dim=-2)  # [3, F, M*S, show*S]
+    write_clip_grid(shown, stem.with_suffix(".gif"))
+
+
+def write_clip_grid(shown: dict[str, torch.Tensor], path: Path) -> None:
+    """One GIF of clips [N, 3, F, S, S] per row (all of one size): a row per entry, a column per clip."""
+    grid = torch.stack([torch.cat(list(clips), dim=-1) for clips in shown.values()])  # [M, 3, F, S, N*S]
+    grid = torch.cat(list(grid), dim=-2)  # [3, F, M*S, N*S]
     save_video([Image.fromarray((f.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-                for f in grid.transpose(0, 1)], stem.with_suffix(".gif"), fps=4)
+                for f in grid.transpose(0, 1)], path, fps=4)
 
 
 def main() -> None:

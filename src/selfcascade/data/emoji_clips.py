@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from ..io import atomic_path, save_video
 from ..metrics.images import resize_images
+from ..metrics.motion import BOUNCE_WORDS, direction_words, spin_words
 from ..metrics.temporal import affine_warp
 from .emoji import BACKGROUND, default_cache_dir, image_path, read_manifest
 
@@ -46,8 +47,6 @@ DEFAULT_FRAMES = 8
 DEFAULT_SIZES: tuple[int, ...] = (32, 64)
 #: Side of the shrunk emoji as a fraction of the frame: small enough to move (or spin) inside it.
 EMOJI_SCALE = (0.45, 0.6)
-#: Sectors of the 8-way compass used to name a direction (sin 22.5 degrees).
-_COMPASS = math.sin(math.pi / 8)
 
 
 @dataclass(frozen=True)
@@ -82,13 +81,6 @@ def _shift(cx: np.ndarray, cy: np.ndarray) -> np.ndarray:
     return theta
 
 
-def _direction_words(dx: float, dy: float) -> str:
-    """(dx, dy) with y down -> "moving up and left", "moving right", ..."""
-    vertical = "up" if dy < -_COMPASS else "down" if dy > _COMPASS else ""
-    horizontal = "left" if dx < -_COMPASS else "right" if dx > _COMPASS else ""
-    return "moving " + " and ".join(w for w in (vertical, horizontal) if w)
-
-
 def make_motion(emoji_id: str, motion: str, seed: int, frames: int, side: int) -> Motion:
     """The deterministic motion of clip (emoji_id, motion, seed): parameters drawn from a hash of the three.
 
@@ -111,20 +103,20 @@ def make_motion(emoji_id: str, motion: str, seed: int, frames: int, side: int) -
         distance = rng.uniform(1.0, 2.0) * room  # over the whole clip, centred: |c| <= room
         along = (t / (frames - 1) - 0.5) * distance
         dx, dy = math.cos(angle), math.sin(angle)
-        return Motion(motion, scale, _shift(along * dx, along * dy), _direction_words(dx, dy))
+        return Motion(motion, scale, _shift(along * dx, along * dy), direction_words(dx, dy))
     if motion == "rotate":
         step = math.radians(rng.uniform(10, 30)) * rng.choice([-1, 1])
         alpha = t * step  # alpha > 0 turns the content clockwise on screen (y points down)
         theta = np.zeros((frames, 2, 3))
         theta[:, 0, 0] = theta[:, 1, 1] = np.cos(alpha)
         theta[:, 0, 1], theta[:, 1, 0] = np.sin(alpha), -np.sin(alpha)
-        return Motion(motion, scale, theta, "spinning clockwise" if step > 0 else "spinning counterclockwise")
+        return Motion(motion, scale, theta, spin_words(step > 0))
     period = rng.uniform(4, 8)
     height = rng.uniform(1.0, 2.0) * room
     phase = rng.uniform(0, math.pi)
     x = rng.uniform(-0.5, 0.5) * room
     y = room - height * np.abs(np.sin(math.pi * t / period + phase))
-    return Motion(motion, scale, _shift(np.full(frames, x), y), "bouncing")
+    return Motion(motion, scale, _shift(np.full(frames, x), y), BOUNCE_WORDS)
 
 
 def _canvas(emoji: Image.Image, scale: float) -> torch.Tensor:

@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     record("upscale", f"real {size} px", high, 0.0)
     start = time.perf_counter()
-    bilinear = resize_spatial(low, (size, size), "bilinear").clamp(0, 1)
+    bilinear = resize_spatial(low, (size, size), "bilinear")
     record("upscale", "bilinear", bilinear, time.perf_counter() - start)
     for mode, extra in modes.items():
         start, outs = time.perf_counter(), []

@@ -122,7 +122,7 @@ def card_text(info: dict, captions: Sequence[str], steps: int = 50) -> str:
         "",
         f"`{samples}`: held-out captions (their concepts are in the eval split, never trained on)"
         f"{', with motion words' if video else ''}, base size, {steps} DDIM steps, default guidance, seeds 0-3. "
-        "Regenerate with `python -m selfcascade.model_card DIR`.",
+        f"{_regenerate('DIR', steps)}.",
         "",
         "Captions:",
         "",
@@ -149,6 +149,11 @@ def bank_rows(model_dir: Path) -> list[str]:
         rows.append(f"`{BANKS_DIR}/{config_file.parent.name}`: {round(side / config['scale'] ** 0.5)} -> {side} px, "
                     f"{config['train_steps']:,} steps{wall}{start}, {parameters:,} parameters, K {config['K']}")
     return rows
+
+
+def _regenerate(model_dir: str, steps: int) -> str:
+    """The command that redraws a card's samples as they are (the steps included: the default may differ)."""
+    return f"Regenerate with `python -m selfcascade.model_card {model_dir} --steps {steps}`"
 
 
 def _rate(state: dict) -> str:
@@ -209,7 +214,7 @@ def sd_card_text(state: dict, sampling: dict, parameters: int, steps: int = 50, 
         "", f"![train-split captions]({SAMPLES_TRAIN_PNG})", "",
         f"`{SAMPLES_TRAIN_PNG}`: train-split captions (concepts trained on, new seeds 0-3); `{SAMPLES_PNG}` below: "
         f"held-out captions (concepts in the eval split, never trained on). Base size, {steps} DDIM steps, default "
-        "guidance. Regenerate with `python -m selfcascade.model_card src/selfcascade/embedded_v3`.", "",
+        f"guidance. {_regenerate('src/selfcascade/embedded_v3', steps)}.", "",
         f"![held-out captions]({SAMPLES_PNG})", "",
     ]
     return "\n".join(lines)
@@ -243,8 +248,8 @@ def sd_video_card_text(state: dict, sampling: dict, parameters: int, steps: int 
         *([f"| banks (tuned mode) | {'; '.join(banks)}; the video model frozen, tuned on clips |"] if banks else []),
         *(["", "## Measured", "", measured.strip()] if measured else []),
         "", f"![held-out captions]({SAMPLES_GIF})", "",
-        f"`{SAMPLES_GIF}`: held-out captions with motion words, seeds 0-3, base size, {steps} DDIM steps. Regenerate "
-        "with `python -m selfcascade.model_card src/selfcascade/embedded_v3/video`.", "",
+        f"`{SAMPLES_GIF}`: held-out captions with motion words, seeds 0-3, base size, {steps} DDIM steps. "
+        f"{_regenerate('src/selfcascade/embedded_v3/video', steps)}.", "",
     ]
     return "\n".join(lines)
 

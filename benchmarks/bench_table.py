@@ -10,6 +10,8 @@ training baselines (full fine-tuning, LoRA rank 4 and 32) wherever their runs
 exist (``--bank``, ``--full``, ``--lora4``, ``--lora32``: a ``selfcascade train-upsamplers`` /
 ``selfcascade finetune`` run folder; a fine-tuned UNet is used at the size it was tuned at and above, as
 the banks are: a 64x row with fine-tunes at 128 px compares them with banks trained on the same images).
+The ``tuned`` rows use the model's shipped banks; ``--bank`` adds its bank as ``tuned-run`` (``tuned`` for a
+model that ships none), so a table's cached images stay valid when training rows join it.
 Columns: trainable parameters, training steps and training image size, seconds per image and peak memory measured side by
 side in this run (batch 1, methods alternated, after a warm-up; ratios to direct inference at the same
 size), and the metrics of ``selfcascade evaluate`` on the eval split (generated images cached under
@@ -108,11 +110,12 @@ def bank_cost(banks) -> tuple[int, int]:
 def load_methods(args: argparse.Namespace) -> list[Method]:
     base = SelfCascadePipeline.from_pretrained(args.model)
     methods = [Method(mode, mode, base) for mode in TRAINING_FREE]
-    if args.bank is not None:
-        bank = args.bank / "bank" if (args.bank / "bank").is_dir() else args.bank
-        methods.append(Method("tuned", "tuned", base, *bank_cost([bank]), upsamplers=str(bank)))
-    elif base.backbone.default_banks([base.backbone.base_size]):  # the model's shipped banks
+    if base.backbone.default_banks([base.backbone.base_size]):  # the model's shipped banks
         methods.append(Method("tuned", "tuned", base, shipped_banks=True))
+    if args.bank is not None:  # a bank trained beside the fine-tunes, on their budget: its own row
+        bank = args.bank / "bank" if (args.bank / "bank").is_dir() else args.bank
+        label = "tuned-run" if methods[-1].label == "tuned" else "tuned"
+        methods.append(Method(label, "tuned", base, *bank_cost([bank]), upsamplers=str(bank)))
     tuned = next((m for m in methods if m.label == "tuned"), None)
     if tuned is not None:  # HiDiffusion's windowed attention on the cascade's last stage: kept if faster at equal quality
         methods.append(Method("tuned+window", "tuned", base, tuned.trainable, tuned.steps, tuned.upsamplers,

@@ -17,7 +17,7 @@
 # every 125 steps for the curves (the bank's row is `tuned-run`, beside `tuned` with the model's shipped banks); at
 # 16x the fine-tunes get 300 steps at 4x the base side, and the tuned row uses the model's shipped banks (their
 # steps are in the table). 64x reuses the 16x fine-tunes and the banks. Cost on one CPU thread (v3): the 4x part
-# about 2.5 h; a 512 px fine-tuning step at batch 8 about 50 s, so the 16x fine-tunes about 12 h.
+# about 3 h; a 512 px fine-tuning step at batch 8 about 50 s, so the 16x fine-tunes about 12 h.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

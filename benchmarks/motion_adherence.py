@@ -15,7 +15,7 @@ motions the model was trained on; eval: held-out emoji), the caption is generate
 Columns: the share of clips whose read words equal the caption's (*words*), whose kind matches (translate,
 rotate or bounce: *kind*), the words share within each kind (direction of travel, sense of spin, bouncing),
 and the share read as standing still. Generated clips are cached as frame folders under ``--out``, so an
-interrupted run resumes; the clips are scored as saved (8-bit PNG frames), cached or not.
+interrupted run resumes (with each clip's generation time); the clips are scored as saved (8-bit PNG frames).
 Writes ``<results>/motion_adherence_<model>.{md,csv}``, every clip's words in ``..._clips.csv`` and a GIF.
 """
 
@@ -61,19 +61,20 @@ def from_frames(frames: list[Image.Image]) -> torch.Tensor:
 
 
 def generated_clip(video: SelfCascadePipeline, caption: str, seed: int, folder: Path, steps: int) -> tuple[torch.Tensor, float]:
-    """The base-size clip of ``caption`` at ``seed``, from ``folder`` when complete; (clip [3, F, S, S], seconds
-    spent generating: 0 when cached)."""
+    """The base-size clip of ``caption`` at ``seed``, from ``folder`` when complete: (clip [3, F, S, S], seconds
+    its generation took, kept in ``folder``/seconds.txt, written last)."""
     frames = video.backbone.default_num_frames
-    if len(list(folder.glob("frame-*.png"))) < frames:
+    record = folder / "seconds.txt"
+    if not record.is_file():
         base = video.backbone.base_size[0]
         start = time.perf_counter()
         out = frames_of(video(caption, base, base, mode="direct", seed=seed, num_inference_steps=steps,
                               output_type="pt", progress=False))[0]
         seconds = time.perf_counter() - start
         save_video(to_frames(out), folder)
-    else:
-        seconds = 0.0
-    return from_frames(read_clip_frames(folder, frames)), seconds
+        with atomic_path(record) as tmp:
+            tmp.write_text(f"{seconds:.3f}\n")
+    return from_frames(read_clip_frames(folder, frames)), float(record.read_text())
 
 
 def score(split: str, label: str, clips: list[torch.Tensor], asked: list[str]) -> tuple[dict, list[str]]:
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             else:
                 made = [generated_clip(video, p, args.seed + i, args.out / Path(args.model).name / split / label.replace(" ", "-")
                                        / f"{i:04d}", args.steps) for i, p in enumerate(prompts)]
-                clips, seconds = [c for c, _ in made], [s for _, s in made if s > 0]
+                clips, seconds = [c for c, _ in made], [s for _, s in made]
             row, read = score(split, label, clips, list(asked))
             row["s_per_clip"] = round(float(np.mean(seconds)), 2) if seconds else ""
             rows.append(row)

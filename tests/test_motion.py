@@ -45,6 +45,7 @@ def test_spins_measure_the_turn_and_its_sense():
 def test_a_clip_that_does_not_move_is_still_and_a_moved_one_is_not():
     frame = _clip(make_motion("stand-in", "translate", 0, 8, SIDE))[:1]
     assert motion_words(frame.repeat(8, 1, 1, 1)) == "still"
+    assert motion_words(torch.ones(8, 3, 64, 64)) == "still"  # nothing drawn: no turn fits better than none
     shifted = torch.cat([torch.roll(frame, shifts=4 * t, dims=-1) for t in range(8)])  # 28 px to the right
     assert motion_words(shifted) == "moving right"
 

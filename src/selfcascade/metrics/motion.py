@@ -94,7 +94,8 @@ def _turned(frame: torch.Tensor, degrees: torch.Tensor, source: torch.Tensor, ta
 
 def spins(clip: torch.Tensor, max_degrees: float = 40.0, step: float = 2.0) -> torch.Tensor:
     """[F-1] turn from each frame to the next, in degrees, clockwise on screen positive: the rotation about the
-    object's centroid that best carries frame t onto frame t+1 (mean absolute error; searched at 64 px)."""
+    object's centroid that best carries frame t onto frame t+1 (mean absolute error; searched at 64 px). No turn
+    unless one fits better: a blank frame or a disc does not spin."""
     _check_square_clip(clip)
     small = resize_images(clip.float(), _SPIN_SIDE) if clip.shape[-1] > _SPIN_SIDE else clip.float()
     mask, background = foreground(small)
@@ -104,7 +105,8 @@ def spins(clip: torch.Tensor, max_degrees: float = 40.0, step: float = 2.0) -> t
     for t in range(len(small) - 1):
         turned = _turned(small[t], candidates, centres[t], centres[t + 1], background)
         errors = (turned - small[t + 1]).abs().flatten(1).mean(1)
-        best.append(candidates[errors.argmin()])
+        no_turn = errors[len(candidates) // 2]  # candidates are symmetric about 0
+        best.append(candidates[errors.argmin()] if errors.min() < no_turn - 1e-6 else candidates.new_zeros(()))
     return torch.stack(best)
 
 

@@ -334,12 +334,14 @@ class _FakeCascade:
     def __init__(self, device: str) -> None:
         self.backbone = type("Backbone", (), {"device": torch.device(device), "name": "fake"})()
         self.calls = 0
+        self.batches: list[int] = []  # images per call
 
     def weights_fingerprint(self, *args) -> str:
         return "fake"
 
     def __call__(self, prompts, height, width, seed, **kwargs):
         self.calls += 1
+        self.batches.append(len(prompts))
         images = [Image.new("RGB", (width, height), "white") for _ in prompts]
         settings = {"guidance_scale": [1.0], "steps": 1, "scheduler": "fake", "width": width, "height": height,
                     "model": "fake", "mode": "direct", "K": 1, "pivot_space": "latent", "stages": [[height, width]]}
@@ -430,3 +432,11 @@ def test_feature_net_training_resumes_exactly_and_refuses_other_settings(tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="lr: run has 0.002, now 0.001"):
         run(tmp_path / "a", "--max-steps", "8", "--lr", "1e-3")
+
+
+def test_fill_set_batches_by_size_by_default_and_writes_after_each_call(tmp_path: Path) -> None:
+    spec = GenerationSpec(model="fake", mode="direct", size=1024, steps=1, guidance=1.0, seed=0)
+    cascade = _FakeCascade("cpu")
+    fill_set(cascade, spec, list("abcdef"), tmp_path / "set", batch_size=None, progress=False)
+    assert cascade.batches == [4, 2]  # four 1024 px images per call, as generate batches them
+    assert len(list((tmp_path / "set").glob("*.png"))) == 6

@@ -117,7 +117,7 @@ def _set_paths(folder: Path, count: int) -> list[Path]:
     return [folder / f"{i:05d}.png" for i in range(count)]
 
 
-def fill_set(cascade, spec: GenerationSpec, captions: list[str], folder: Path, batch_size: int,
+def fill_set(cascade, spec: GenerationSpec, captions: list[str], folder: Path, batch_size: int | None,
              progress: bool = True) -> tuple[float, float | None]:
     """Generate the images of ``captions`` missing in ``folder`` (caption i with seed ``spec.seed + i``); returns
     the mean generation time per image over every image this folder ever generated, and the peak GPU memory (MiB,
@@ -125,8 +125,12 @@ def fill_set(cascade, spec: GenerationSpec, captions: list[str], folder: Path, b
     were generated or the model runs on CPU (nothing comparable to measure there).
 
     Under ``accelerate launch`` every process calls this and generates its share of the missing images; each
-    image depends only on its caption and seed, so the split changes no pixel. Returns once all are written."""
+    image depends only on its caption and seed, so the split changes no pixel. Returns once all are written.
+    Images are written after every call of ``batch_size`` images (None: by size, as ``generate`` batches)."""
+    from .pipeline import default_batch_size
     from .processes import gather, is_main_process, my_share, wait_for_everyone
+
+    batch_size = batch_size or default_batch_size(spec.size, spec.size)
 
     meta_path = folder / META_JSON
     settings = spec.settings()
@@ -450,7 +454,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=parse_guidance, default=None, help="guidance scale (default: the model's)")
     parser.add_argument("--upsamplers", default=None, help="feature-upsampler bank for mode 'tuned'")
     parser.add_argument("--seed", type=int, default=0, help="caption choice; image i gets seed SEED + i")
-    parser.add_argument("--batch-size", type=int, default=8, help="images generated per call")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images generated per call, written after each (default: by size, as generate: 16 at "
+                             "512 px, 4 at 1024, 1 at 2048); an interrupted run loses at most the call in progress")
     parser.add_argument("--score-batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                         help="images read and scored at a time: scoring holds one such batch (as float32, e.g. "
                              "50 MB per 2048 px image) plus the sets' features and SWD descriptors")

@@ -50,8 +50,10 @@ def motion_kind(words: str) -> str:
         return "translate"
     if words.startswith("spinning "):
         return "rotate"
-    if words in (BOUNCE_WORDS, STILL_WORDS):
-        return "bounce" if words == BOUNCE_WORDS else "still"
+    if words == BOUNCE_WORDS:
+        return "bounce"
+    if words == STILL_WORDS:
+        return "still"
     raise ValueError(f"not motion words: {words!r}.")
 
 

@@ -381,6 +381,22 @@ def test_window_attention_reaches_the_cascade_and_keeps_its_own_cache(tmp_path: 
         fill_set(cascade, plain, ["a"], tmp_path / "set", batch_size=1, progress=False)
 
 
+def test_windowed_cascade_is_a_mode_of_its_own(tiny_sd_dir: Path, fake_cache: Path, extractor_dir: Path,
+                                               tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(tiny_sd_dir), "--modes", "tuning-free", "tuning-free+window", "--sizes",
+                 "64", "--num-images", "2", "--num-real", "4", "--steps", "2", "--guidance", "1", "--features", "emoji",
+                 "--feature-weights", str(extractor_dir), "--cache-dir", str(fake_cache), "--out", str(out),
+                 "--no-progress"]) == 0
+    assert [r["mode"] for r in _read_csv(out / "results.csv")] == ["tuning-free", "tuning-free+window"]
+    settings = json.loads((out / "generated" / "tuning-free+window-64" / "meta.json").read_text())["settings"]
+    assert settings["mode"] == "tuning-free" and settings["window_attention"] is True
+    assert "window_attention" not in json.loads((out / "generated" / "tuning-free-64" / "meta.json").read_text())[
+        "settings"]
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--modes", "direct+window", "--out", str(out)])  # only the cascade has a windowed variant
+
+
 def test_generated_dir_errors(tmp_path: Path, fake_cache: Path, extractor_dir: Path) -> None:
     common = ["--base-size", "32", "--features", "emoji", "--feature-weights", str(extractor_dir),
               "--cache-dir", str(fake_cache), "--out", str(tmp_path / "eval")]

@@ -52,6 +52,7 @@ from tqdm import tqdm
 from .commands import add_command, read_prompts, run_module
 from .image_sets import IMAGE_SUFFIXES, ImageSet, emoji_renders, file_set, folder_set, image_files, real_folder_set
 from .io import atomic_path, save_png
+from .modes import CASCADE_MODES, MODES, WINDOW_SUFFIX
 from .scoring import DEFAULT_BATCH_SIZE, make_reference, score, summarise
 
 logger = logging.getLogger(__name__)
@@ -92,8 +93,13 @@ class GenerationSpec:
     window_attention: bool = False  # the cascade's final stage in windowed self-attention
 
     @property
+    def label(self) -> str:
+        """The mode as ``--modes`` names it: ``tuned+window`` for the windowed cascade."""
+        return self.mode + (WINDOW_SUFFIX if self.window_attention else "")
+
+    @property
     def folder_name(self) -> str:
-        return f"{self.mode}-{self.size}"
+        return f"{self.label}-{self.size}"
 
     def settings(self) -> dict:
         """What a folder's meta.json records; window_attention only when on, so folders made before it existed
@@ -352,9 +358,11 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
         captions, chosen = _captions(args, records)
         guidance = args.guidance  # None: the model's default, per stage
 
-        def generated(mode: str, size: int) -> tuple[Path, float, float | None]:
+        def generated(label: str, size: int) -> tuple[Path, float, float | None]:
+            mode = label.removesuffix(WINDOW_SUFFIX)
             spec = GenerationSpec(model=cascade.backbone.name, mode=mode, size=size, steps=args.steps, guidance=guidance,
-                                  seed=args.seed, upsamplers=args.upsamplers if mode == "tuned" else None)
+                                  seed=args.seed, upsamplers=args.upsamplers if mode == "tuned" else None,
+                                  window_attention=label != mode)
             folder = out / "generated" / spec.folder_name
             return folder, *fill_set(cascade, spec, captions, folder, args.batch_size, progress=not args.no_progress)
 
@@ -433,11 +441,13 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .commands import add_model_args, parse_guidance
-    from .modes import MODES
     from .metrics import FEATURE_KINDS
 
     add_model_args(parser)
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=["direct", "tuning-free"])
+    parser.add_argument("--modes", nargs="+", choices=[*MODES, *(m + WINDOW_SUFFIX for m in CASCADE_MODES)],
+                        default=["direct", "tuning-free"],
+                        help="MODE+window: a cascade mode with its final stage's self-attention in shifted windows "
+                             "(generate --window-attention)")
     parser.add_argument("--sizes", type=int, nargs="+", default=None,
                         help="square target sides in pixels (default: 2x and 4x the base side, 4x and 16x its pixels)")
     parser.add_argument("--num-images", type=int, default=64, help="captions, one generated image each")

@@ -13,6 +13,8 @@ RIVAL_MODES: tuple[str, ...] = ("hidiffusion", "demofusion", "freescale", "deep-
 MODES: tuple[str, ...] = ("tuning-free", "direct", "tuned", *BASELINE_MODES, *RIVAL_MODES)
 #: The self-cascade itself: the modes that take a model's own pivot space and windowed final-stage attention.
 CASCADE_MODES: tuple[str, ...] = ("tuning-free", "tuned")
+#: Suffix naming a cascade mode with windowed final-stage attention where one word must say both (``evaluate``).
+WINDOW_SUFFIX = "+window"
 #: Modes for video models: attn-sf and redilate alter attention and convolutions chosen for image UNets
 #: (attn-sf would also rescale the temporal attention over frames); the rivals patch image UNets.
 VIDEO_MODES: tuple[str, ...] = tuple(m for m in MODES if m not in ("attn-sf", "redilate", *RIVAL_MODES))

@@ -166,7 +166,7 @@ def fill_set(cascade, spec: GenerationSpec, captions: list[str], folder: Path, b
                 tmp.write_text(json.dumps(meta, indent=1) + "\n")
 
     done = len(captions) - len(missing)
-    bar = tqdm(total=done + len(mine), initial=done, desc=f"{spec.mode} {spec.size} px", unit="img",
+    bar = tqdm(total=done + len(mine), initial=done, desc=f"{spec.label} {spec.size} px", unit="img",
                disable=not progress or not mine)
     seconds = 0.0
     device = cascade.backbone.device

@@ -110,12 +110,13 @@ def bank_cost(banks) -> tuple[int, int]:
 def load_methods(args: argparse.Namespace) -> list[Method]:
     base = SelfCascadePipeline.from_pretrained(args.model)
     methods = [Method(mode, mode, base) for mode in TRAINING_FREE]
-    if base.backbone.default_banks([base.backbone.base_size]):  # the model's shipped banks
+    shipped = bool(base.backbone.default_banks([base.backbone.base_size]))  # the model's own banks
+    if shipped:
         methods.append(Method("tuned", "tuned", base, shipped_banks=True))
     if args.bank is not None:  # a bank trained beside the fine-tunes, on their budget: its own row
         bank = args.bank / "bank" if (args.bank / "bank").is_dir() else args.bank
-        label = "tuned-run" if methods[-1].label == "tuned" else "tuned"
-        methods.append(Method(label, "tuned", base, *bank_cost([bank]), upsamplers=str(bank)))
+        methods.append(Method("tuned-run" if shipped else "tuned", "tuned", base, *bank_cost([bank]),
+                              upsamplers=str(bank)))
     tuned = next((m for m in methods if m.label == "tuned"), None)
     if tuned is not None:  # HiDiffusion's windowed attention on the cascade's last stage: kept if faster at equal quality
         methods.append(Method("tuned+window", "tuned", base, tuned.trainable, tuned.steps, tuned.upsamplers,

@@ -102,12 +102,13 @@ def spins(clip: torch.Tensor, max_degrees: float = 40.0, step: float = 2.0) -> t
     small = resize_images(clip.float(), _SPIN_SIDE) if clip.shape[-1] > _SPIN_SIDE else clip.float()
     mask, background = foreground(small)
     centres = centroids(mask)
-    candidates = torch.arange(-max_degrees, max_degrees + step / 2, step)
+    half = torch.arange(step, max_degrees + step / 2, step)
+    candidates = torch.cat([-half.flip(0), torch.zeros(1), half])  # 0 at index len(half), whatever the step
     best = []
     for t in range(len(small) - 1):
         turned = _turned(small[t], candidates, centres[t], centres[t + 1], background)
         errors = (turned - small[t + 1]).abs().flatten(1).mean(1)
-        no_turn = errors[len(candidates) // 2]  # candidates are symmetric about 0
+        no_turn = errors[len(half)]
         best.append(candidates[errors.argmin()] if errors.min() < no_turn - 1e-6 else candidates.new_zeros(()))
     return torch.stack(best)
 

@@ -91,9 +91,14 @@ class Method:
         return "+".join(str(s) for s in sorted(sides))
 
     def spec(self, size: int, steps: int, seed: int) -> GenerationSpec:
-        model = self.cascade.backbone.name + ("" if self.label == self.mode else f"+{self.label}")
-        return GenerationSpec(model=model, mode=self.mode, size=size, steps=steps, guidance=None, seed=seed,
-                              upsamplers=self.upsamplers, window_attention=self.window_attention)
+        """The cache's settings; rows the mode and window flag do not tell apart (fine-tunes, a run's bank) add
+        their label to the model name, so ``tuned+window`` folders are the ones ``selfcascade evaluate`` writes."""
+        spec = GenerationSpec(model=self.cascade.backbone.name, mode=self.mode, size=size, steps=steps,
+                              guidance=None, seed=seed, upsamplers=self.upsamplers,
+                              window_attention=self.window_attention)
+        if self.label != spec.label:
+            spec.model += f"+{self.label}"
+        return spec
 
     def __call__(self, prompt: str, size: int, steps: int, seed: int):
         return self.cascade(prompt, size, size, mode=self.mode, num_inference_steps=steps, seed=seed,

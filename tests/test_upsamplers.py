@@ -311,3 +311,23 @@ def test_bank_training_reads_captions_as_the_cascade_stage_does(tiny_sd_fresh):
     expected = bb.encode_prompt(["red apple, 2x zoom", ""], None, 1, do_cfg=False).embeds
     assert torch.allclose(embeds.embeds, expected)
     assert not torch.allclose(embeds.embeds, bb.encode_prompt(["red apple", ""], None, 1, do_cfg=False).embeds)
+
+
+def test_image_folder_is_read_per_batch_squared_and_resized(tmp_path):
+    """Training images are read when a batch needs them (a big set at 1024 px does not fit in memory), each
+    centre-cropped to a square and resized as before."""
+    from selfcascade.train_upsamplers import ImageFiles, load_image_folder
+
+    wide = torch.zeros(24, 48, 3, dtype=torch.uint8)
+    wide[:, 12:36] = 255  # the centre square is white, the sides black
+    Image.fromarray(wide.numpy()).save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "b.png")
+    (tmp_path / "a.txt").write_text("white square")
+    data = load_image_folder(tmp_path, 16)
+    assert isinstance(data.images, ImageFiles) and data.images.shape == (2, 3, 16, 16) and data.num_frames is None
+    batch = data.images[torch.tensor([1, 0])]
+    assert batch.dtype == torch.uint8 and batch.shape == (2, 3, 16, 16)
+    assert (batch[1] == 255).all() and (batch[0] == torch.tensor([10, 20, 30]).view(3, 1, 1)).all()
+    assert data.images[0].shape == (3, 16, 16) and data.captions == ["white square", ""]
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "b.png")  # read again, not held
+    assert (data.images[[1]][0, 0] == 200).all()

@@ -58,11 +58,39 @@ CLIP_LAYOUT = ("a folder of .gif/.mp4 clips or of sub-folders of PNG frames, eac
 # Data
 
 
+class ImageFiles:
+    """Image files read, squared and resized when a batch asks for them: uint8 [n, 3, S, S] for a list of indices.
+
+    Held whole in memory a large set at a large size does not fit (the emoji train split is 38 GB at 1024 px), and
+    the pivot cache keeps what the frozen model computes from each image anyway.
+    """
+
+    ndim = 4
+
+    def __init__(self, paths: Sequence[Path], size: int) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.paths), 3, self.size, self.size)
+
+    def __getitem__(self, index: int | Sequence[int] | torch.Tensor) -> torch.Tensor:
+        indices = torch.as_tensor(index).reshape(-1).tolist()
+        arrays = np.stack([_square(Image.open(self.paths[i]), self.size) for i in indices])
+        images = torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
+        return images[0] if isinstance(index, int) else images
+
+
 @dataclass
 class ImageCaptions:
-    """High-res training images (uint8 [N, 3, S, S], RGB) or clips (uint8 [N, 3, F, S, S]), one caption each."""
+    """High-res training images (uint8 [N, 3, S, S], RGB, in memory or read on demand) or clips (uint8
+    [N, 3, F, S, S]), one caption each."""
 
-    images: torch.Tensor
+    images: torch.Tensor | ImageFiles
     captions: list[str]
 
     def __len__(self) -> int:
@@ -124,9 +152,7 @@ def load_image_folder(folder: Path, size: int) -> ImageCaptions:
     if clips:
         logger.warning("ignoring %d clips under %s: an image model tunes on its %d images", len(clips), folder,
                        len(files))
-    captions = _captions(files, "images")
-    images = np.stack([_square(Image.open(p), size) for p in tqdm(files, desc="loading images", mininterval=2)])
-    return ImageCaptions(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), captions)
+    return ImageCaptions(ImageFiles(files, size), _captions(files, "images"))
 
 
 def read_clip_frames(path: Path, frames: int) -> list[Image.Image]:
@@ -168,13 +194,15 @@ def load_clip_folder(folder: Path, size: int, frames: int) -> ImageCaptions:
 
 def load_manifest(cache_dir: Path, size: int, split: str = "train") -> ImageCaptions:
     """The embedded emoji data set's ``split`` at ``size`` px (rendered from SVG: true high-res ground truth)."""
-    from .data.emoji import read_manifest
-    from .data.loader import load_images
+    from .data.emoji import image_path, read_manifest
+    from .data.loader import check_images
 
     records = [r for r in read_manifest(cache_dir) if r["split"] == split]
     if not records:
         raise ValueError(f"no {split!r} records in the manifest under {cache_dir}")
-    return ImageCaptions(load_images(cache_dir, records, size, split), [r["caption"] for r in records])
+    check_images(cache_dir, records, size)  # a missing rendering fails here, not mid-run
+    return ImageCaptions(ImageFiles([image_path(cache_dir, size, r["id"]) for r in records], size),
+                         [r["caption"] for r in records])
 
 
 def load_data(data: Path | None, size: int, split: str = "train", frames: int | None = None) -> ImageCaptions:

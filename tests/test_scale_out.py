@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from selfcascade.cli import main
@@ -34,13 +35,23 @@ def _launch(*argv: str) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.fixture
+def one_thread():
+    """The in-process run on one thread, as each launched process is (OMP_NUM_THREADS=1): convolutions split
+    over other thread counts round differently on some CPUs, which flips PNG levels by one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
 
 def test_generate_on_two_processes_writes_each_image_once_as_one_process_does(tiny_sd_dir: Path, tmp_path: Path,
-                                                                             capsys) -> None:
+                                                                             capsys, one_thread) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("red apple\n\nblue car\n")  # the blank line is skipped
     # --batch-size 1 in both runs: batched convolutions round differently, which could flip a PNG level
@@ -54,7 +65,7 @@ def test_generate_on_two_processes_writes_each_image_once_as_one_process_does(ti
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted(names)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(names)  # no temp files left either
     printed = [Path(line).name for line in done.stdout.splitlines() if line.endswith(".png")]
-    assert sorted(printed) == sorted(names)  # every image made by exactly one process
+    assert sorted(printed) == sorted(names), done.stdout  # every image made by exactly one process
     for name in names:
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
     info = json.loads(Image.open(tmp_path / "two" / "x-p1-4.png").text["selfcascade"])
@@ -73,7 +84,7 @@ def _real_folder(folder: Path) -> Path:
 
 
 @pytest.mark.skipif(not (DEFAULT_DIR / "model.safetensors").exists(), reason="shipped emoji feature weights missing")
-def test_evaluate_on_two_processes_gives_one_process_table(tiny_sd_dir: Path, tmp_path: Path) -> None:
+def test_evaluate_on_two_processes_gives_one_process_table(tiny_sd_dir: Path, tmp_path: Path, one_thread) -> None:
     real = _real_folder(tmp_path / "real")
     prompts = tmp_path / "captions.txt"
     prompts.write_text("".join(f"shape {i}\n" for i in range(5)))

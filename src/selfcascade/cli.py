@@ -236,6 +236,13 @@ def _sampling_kwargs(args: argparse.Namespace, guidance: float | list[float],
                 upsamplers=args.upsamplers, batch_size=args.batch_size)
 
 
+def _print_path(path: Path) -> None:
+    """One write per line: launched processes share stdout unbuffered (``python -u``), where ``print`` writes the
+    text and the newline apart and two processes' lines can merge."""
+    sys.stdout.write(f"{path}\n")
+    sys.stdout.flush()
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """Every (prompt, seed) image; under ``accelerate launch`` each process writes its contiguous share of them."""
     from .io import save_png
@@ -256,11 +263,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
                          **_sampling_kwargs(args, guidance, [seed for _, seed, _ in group]))
         for i, (seed, (*_, path)) in enumerate(zip(result.seeds, group)):
             save_png(result.images[i], path, result.settings, seed)
-            print(path)
+            _print_path(path)
             for r, stage_images in enumerate(result.stages[:-1]):
                 stage_path = path.with_name(f"{path.stem}-stage{r}{path.suffix}")
                 save_png(stage_images[i], stage_path, result.settings, seed)
-                print(stage_path)
+                _print_path(stage_path)
     if num_processes() > 1:
         counts = gather(len(mine))  # also waits for every process
         if is_main_process():
@@ -355,6 +362,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Bad input: say what and how to fix it, without a traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        from .processes import close
+
+        close()
 
 
 if __name__ == "__main__":

@@ -52,6 +52,13 @@ def wait_for_everyone() -> None:
     process_state().wait_for_everyone()
 
 
+def close() -> None:
+    """Tear down the process group, if a launcher made one: a gloo group left to interpreter shutdown can abort a
+    process that has finished its work ("terminate called without an active exception"), failing the launch."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def is_main_process() -> bool:
     return process_state().is_main_process
 

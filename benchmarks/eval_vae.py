@@ -10,6 +10,8 @@ Eval-split renders (concepts never trained on) are encoded (posterior mode) and 
   the features the paper's tables use. With a few images FID is biased upwards; compare only equal counts;
 - edge ratio: mean Sobel gradient magnitude of the reconstructions over that of the renders, over the set
   (and the lowest per image). 1 keeps outlines as sharp as the renders; blurring lowers it;
+- colour error: mean absolute difference of the 8x8-pixel block means, in 0-255 levels: a shift of flat colours
+  (reds drawn orange) that PSNR, dominated by edges, hides;
 - encode + decode seconds per image.
 
 Sizes above the data set's largest (512 px) are rendered from the npm packages' SVGs in the data cache with the
@@ -70,6 +72,11 @@ def edge_ratio(recon: torch.Tensor, real: torch.Tensor) -> tuple[float, float]:
     return float(a.sum() / b.sum()), float((a / b.clamp_min(1e-8)).min())
 
 
+def colour_error(recon: torch.Tensor, real: torch.Tensor) -> float:
+    """Mean absolute difference of 8x8 block means in 0-255 levels: low-frequency colour shift, blind to edges."""
+    return float((F.avg_pool2d(recon, 8) - F.avg_pool2d(real, 8)).abs().mean() * 255)
+
+
 def edgiest_crop(image: torch.Tensor, crop: int) -> tuple[int, int]:
     """Top-left corner of the ``crop`` window (on a crop/4 lattice) with the most Sobel gradient in ``image``."""
     energy = F.avg_pool2d(sobel_magnitude(image[None]).mean(1, keepdim=True), crop, stride=crop // 4)[0, 0]
@@ -126,8 +133,8 @@ def main() -> None:
     records = [records[i] for i in torch.randperm(len(records), generator=g)[:args.count].tolist()]
     lines = [f"# VAE reconstruction on {len(records)} eval-split renders ({args.vae})", "",
              f"`{shlex.join(['python', *sys.argv])}` ({args.threads} torch thread(s))", "",
-             f"| size | images | PSNR (dB) mean | min | FID ({features.name}) | edge ratio | min | s / image |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"| size | images | PSNR (dB) mean | min | FID ({features.name}) | edge ratio | min | colour error | s / image |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for size in args.sizes:
         images, origin = eval_images(cache_dir, records, size)
         t0 = time.perf_counter()
@@ -138,7 +145,7 @@ def main() -> None:
         fid = frechet_distance(features(real), features(recon))
         ratio, worst = edge_ratio(recon, real)
         lines.append(f"| {size} ({origin}) | {len(images)} | {p.mean():.2f} | {p.min():.2f} | {fid:.2f} | "
-                     f"{ratio:.3f} | {worst:.3f} | {seconds:.2f} |")
+                     f"{ratio:.3f} | {worst:.3f} | {colour_error(recon, real):.2f} | {seconds:.2f} |")
         print(lines[-1], flush=True)
         save_png(grid_for(images, recon), args.out.with_name(f"{args.out.name}_{size}.png"))
     text = "\n".join(lines) + "\n"

@@ -8,6 +8,9 @@ the base size), and the real renders of the same captions are scored the same wa
 - style: share whose style the network names as the caption's ("..., noto style");
 - FID (emoji features) of the samples against the real renders of the same captions, at equal counts.
 
+``--prompt-form label`` prompts with the emoji's name alone ("red apple"), as a new user types, instead of the
+training caption ("red apple, fruit, noto style"); its style column is then what the model picks unasked.
+
     python benchmarks/prompt_adherence.py --model embedded --model src/selfcascade/embedded_model --count 48
 
 Writes ``benchmarks/results/prompt_adherence.md`` (and ``.csv``) and a grid of the first captions.
@@ -85,6 +88,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, nargs="+", default=None,
                         help="classifier-free guidance scales to sweep (default: each model's own)")
+    parser.add_argument("--prompt-form", nargs="+", choices=["caption", "label"], default=["caption"],
+                        help="prompt with the training caption, the emoji's name alone, or both (rows per form)")
     parser.add_argument("--first-seed", type=int, default=1000, help="seeds never used in training or earlier reports")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="which captions are drawn")
@@ -100,34 +105,38 @@ def main() -> None:
     extractor = EmojiFeatures()
     named = [m.split("=", 1) if "=" in m else (m, m) for m in args.model]
     sweep = args.guidance or [None]
-    models = [(label if g is None else f"{label} g={g:g}", path, g) for label, path in named for g in sweep]
+    forms = args.prompt_form
+    models = [(label + ("" if g is None else f" g={g:g}") + ("" if len(forms) == 1 else f" ({form})"), path, g, form)
+              for label, path in named for g in sweep for form in forms]
     cascades = {path: SelfCascadePipeline.from_pretrained(path, device="cpu") for _, path in named}  # once per model
     rows, grids = [], []
     for split in args.splits:
         chosen = pick_records(records, split, args.count, args.seed)
-        captions = [r["caption"] for r in chosen]
+        prompts = {form: [r[form] for r in chosen] for form in forms}
         real = load_images(cache_dir, chosen, REAL_SIZE, split, progress=False)
         rows.append({"split": split, "model": "real renders", "steps": "-", "s_per_image": None,
                      **score(net, labels, extractor, real, real, chosen), "fid": None})
         samples = {}
-        for label, path, guidance in models:
+        for label, path, guidance, form in models:
             t0 = time.perf_counter()
-            images = sample(cascades[path], captions, args.steps, args.first_seed, args.batch, guidance)
-            seconds = (time.perf_counter() - t0) / len(captions)
+            images = sample(cascades[path], prompts[form], args.steps, args.first_seed, args.batch, guidance)
+            seconds = (time.perf_counter() - t0) / len(chosen)
             samples[label] = images
             rows.append({"split": split, "model": label, "steps": args.steps, "s_per_image": seconds,
                          **score(net, labels, extractor, images, real, chosen)})
             print(rows[-1], flush=True)
         n = min(args.grid_rows, len(chosen))
-        cells = [[to_pil(real[i]), *(to_pil(samples[label][i]) for label, _, _ in models)] for i in range(n)]
-        grids.append((split, make_grid(cells, [c[:40] for c in captions[:n]], ["real", *(m for m, _, _ in models)],
-                                       cell=REAL_SIZE)))
+        cells = [[to_pil(real[i]), *(to_pil(samples[label][i]) for label, *_ in models)] for i in range(n)]
+        row_labels = [r["caption"][:40] for r in chosen[:n]]
+        grids.append((split, make_grid(cells, row_labels, ["real", *(m for m, *_ in models)], cell=REAL_SIZE)))
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
     guidance_text = "guidance as labelled" if args.guidance else "each model's default guidance"
+    form_text = {"caption": "prompted with the training captions", "label": "prompted with the emoji's name alone"}
     lines = ["# Prompt adherence at the base size", "",
              f"{args.count} random captions per split (caption seed {args.seed}), one sample each (seeds "
-             f"{args.first_seed}+), {args.steps} DDIM steps, {guidance_text}; scored by the emoji "
+             f"{args.first_seed}+), {args.steps} DDIM steps, {guidance_text}, "
+             f"{' / '.join(form_text[f] for f in forms)}; scored by the emoji "
              f"feature network `{extractor.name}`; real renders at {REAL_SIZE} px. Concept top-5 only for train-split "
              "captions (the network never saw held-out concepts). FID: emoji features, samples vs the real renders "
              f"of the same captions ({args.count} vs {args.count}: compare within a split only).", "",

@@ -363,9 +363,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        from .processes import close
+        if "torch" in sys.modules:  # a command that never loaded torch made no process group: skip importing accelerate
+            from .processes import close
 
-        close()
+            close()
 
 
 if __name__ == "__main__":

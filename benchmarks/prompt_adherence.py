@@ -8,8 +8,9 @@ the base size), and the real renders of the same captions are scored the same wa
 - style: share whose style the network names as the caption's ("..., noto style");
 - FID (emoji features) of the samples against the real renders of the same captions, at equal counts.
 
-``--prompt-form label`` prompts with the emoji's name alone ("red apple"), as a new user types, instead of the
+``--prompt-form name`` prompts with the emoji's name alone ("red apple"), as a new user types, instead of the
 training caption ("red apple, fruit, noto style"); its style column is then what the model picks unasked.
+``name_style`` adds the style ("red apple, noto style").
 
     python benchmarks/prompt_adherence.py --model embedded --model src/selfcascade/embedded_model --count 48
 
@@ -27,7 +28,7 @@ import torch
 from PIL import Image
 
 from selfcascade import SelfCascadePipeline
-from selfcascade.data.emoji import default_cache_dir, read_manifest
+from selfcascade.data.emoji import PROMPT_FORMS, default_cache_dir, read_manifest
 from selfcascade.data.loader import load_images
 from selfcascade.grid import make_grid
 from selfcascade.io import atomic_path
@@ -88,8 +89,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, nargs="+", default=None,
                         help="classifier-free guidance scales to sweep (default: each model's own)")
-    parser.add_argument("--prompt-form", nargs="+", choices=["caption", "label"], default=["caption"],
-                        help="prompt with the training caption, the emoji's name alone, or both (rows per form)")
+    parser.add_argument("--prompt-form", nargs="+", choices=list(PROMPT_FORMS), default=["caption"],
+                        help="prompt with the training caption, the emoji's name alone, or the name and style "
+                             "(rows per form)")
     parser.add_argument("--first-seed", type=int, default=1000, help="seeds never used in training or earlier reports")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="which captions are drawn")
@@ -112,7 +114,7 @@ def main() -> None:
     rows, grids = [], []
     for split in args.splits:
         chosen = pick_records(records, split, args.count, args.seed)
-        prompts = {form: [r[form] for r in chosen] for form in forms}
+        prompts = {form: [PROMPT_FORMS[form](r) for r in chosen] for form in forms}
         real = load_images(cache_dir, chosen, REAL_SIZE, split, progress=False)
         rows.append({"split": split, "model": "real renders", "steps": "-", "s_per_image": None,
                      **score(net, labels, extractor, real, real, chosen), "fid": None})
@@ -132,7 +134,8 @@ def main() -> None:
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
     guidance_text = "guidance as labelled" if args.guidance else "each model's default guidance"
-    form_text = {"caption": "prompted with the training captions", "label": "prompted with the emoji's name alone"}
+    form_text = {"caption": "prompted with the training captions", "name": "prompted with the emoji's name alone",
+                 "name_style": "prompted with the name and style"}
     lines = ["# Prompt adherence at the base size", "",
              f"{args.count} random captions per split (caption seed {args.seed}), one sample each (seeds "
              f"{args.first_seed}+), {args.steps} DDIM steps, {guidance_text}, "

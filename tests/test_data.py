@@ -17,7 +17,7 @@ pytest.importorskip("resvg_py")
 
 from selfcascade.data import emoji  # noqa: E402
 from selfcascade.data.emoji import (  # noqa: E402
-    PackageFetchError, build_dataset, concept_key, fetch_package, image_path, make_caption, read_manifest,
+    PROMPT_FORMS, PackageFetchError, build_dataset, concept_key, fetch_package, image_path, make_caption, read_manifest,
 )
 
 RED_CIRCLE = '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 36 36"><circle cx="18" cy="18" r="12" fill="#f00"/></svg>'
@@ -143,6 +143,12 @@ def test_concept_key_and_caption() -> None:
     assert concept_key("person merpeople medium dark skin tone") == "personmerpeople"
     assert concept_key("one o’clock") == concept_key("one oclock")
     assert make_caption("grinning face", ("face", "smile", "happy", "grin"), "noto") == "grinning face, smile, happy, noto style"
+
+
+def test_prompt_forms_cut_a_caption_to_the_name_and_style_people_type() -> None:
+    record = {"caption": make_caption("red apple", ("fruit",), "noto"), "label": "red apple", "style": "noto style"}
+    assert {form: cut(record) for form, cut in PROMPT_FORMS.items()} == {
+        "caption": "red apple, fruit, noto style", "name": "red apple", "name_style": "red apple, noto style"}
 
 
 class _FakeEncoder:

@@ -119,6 +119,47 @@ def test_batches_draw_zoomed_windows_with_their_cue_states() -> None:
     assert torch.equal(mixed_context.flatten(1).amax(1) == 1, zoomed)  # each window keeps its own caption states
 
 
+def test_caption_form_dropout_swaps_in_each_images_own_short_captions_at_their_shares() -> None:
+    n = 7
+    latents = torch.arange(n, dtype=torch.float16)[:, None, None, None].expand(n, 4, 2, 2)
+    full = torch.arange(n, dtype=torch.float16)[:, None, None].expand(n, 3, 8)  # states tell whose caption they are
+    short = {"name": full + 100, "name_style": full + 200}
+    data = train_sd.LatentData(latents, full, torch.zeros(3, 8), short_context=short)
+    g = torch.Generator().manual_seed(0)
+    batch, context = train_sd.sample_batch(data, 4000, 0.0, g, {"name": 0.2, "name_style": 0.3})
+    image, states = batch[:, 0, 0, 0], context[:, 0, 0]
+    assert torch.equal(states % 100, image)  # a short caption is always the drawn image's own
+    shares = [float((states // 100 == k).float().mean()) for k in range(3)]
+    assert shares == pytest.approx([0.5, 0.2, 0.3], abs=0.03)
+    _, unchanged = train_sd.sample_batch(data, 64, 0.0, g, {"name": 0.0, "name_style": 0.0})
+    assert unchanged.amax() < 100
+
+
+@pytest.mark.parametrize("shares", [("0.7", "0.4"), ("-0.1", "0")])
+def test_refuses_caption_form_shares_that_are_not_a_split(tmp_path: Path, vae_dir: Path, data, shares) -> None:
+    args = _args(tmp_path / "r", vae_dir, "--max-steps", "1", "--name-prob", shares[0], "--name-style-prob", shares[1])
+    with pytest.raises(ValueError, match="add up to at most 1"):
+        train_sd.train(args, data)
+
+
+def test_refuses_a_caption_form_the_data_lacks(tmp_path: Path, vae_dir: Path, data) -> None:
+    with pytest.raises(ValueError, match="short caption form.*name"):
+        train_sd.train(_args(tmp_path / "r", vae_dir, "--max-steps", "1", "--name-prob", "0.2"), data)
+
+
+def test_trains_on_short_captions_and_the_card_says_so(tmp_path: Path, vae_dir: Path, data) -> None:
+    short = {form: train_sd.encode_captions(texts * 3)[0]
+             for form, texts in {"name": ["red apple", "blue car"],
+                                 "name_style": ["red apple, noto style", "blue car, noto style"]}.items()}
+    with_short = train_sd.LatentData(data.latents, data.context, data.uncond, short_context=short)
+    train_sd.train(_args(tmp_path, vae_dir, "--max-steps", "2", "--name-prob", "0.2", "--name-style-prob", "0.3"),
+                   with_short)
+    summary = json.loads((train_sd.ship_run(tmp_path, tmp_path / "shipped") / "train_state.json").read_text())
+    assert "20% of captions cut to the emoji's name alone, 30% to name and style" in sd_card_text(summary, {}, 1)
+    with pytest.raises(ValueError, match="name_prob: run has 0.2, now 0.0"):
+        train_sd.train(_args(tmp_path, vae_dir, "--max-steps", "3", "--name-style-prob", "0.3"), with_short)
+
+
 def test_zoom_windows_are_crops_of_the_larger_renders_with_the_scale_cue(tmp_path: Path) -> None:
     from PIL import Image
 

@@ -18,7 +18,8 @@
 # (.gpu-run/work, never carried) stays on a warm machine: a second call skips what is done and resumes training.
 #
 # Knobs (environment): SC_PHASES ("render train bank256 bank512"), SC_DEADLINE_S (560), SC_BATCH (512),
-# SC_LR (1e-3), SC_WARMUP (500), SC_PREDICTION (v_prediction), SC_MIXED_PRECISION (no; bf16 for train-sd), SC_INIT_FROM (a v3 folder to continue,
+# SC_LR (1e-3), SC_WARMUP (500), SC_PREDICTION (v_prediction), SC_NAME_PROB and SC_NAME_STYLE_PROB (0.2 each: the caption-form
+# dropout), SC_MIXED_PRECISION (no; bf16 for train-sd), SC_INIT_FROM (a v3 folder to continue,
 # or none; default: src/selfcascade/embedded_v3 if it holds a UNet), SC_BANK_MINUTES (1.0 per bank, loading included),
 # SC_BANK_STEPS (3000), SC_BANK_BATCH (16), SC_BANK_IMAGES (4000 train renders), SC_WORKERS (all cores).
 # Dry run on a CPU: scripts/device/dryrun.sh (SC_TINY=1: a few SVGs, a few steps, OUT and SC_SITE in a temp folder).
@@ -93,7 +94,8 @@ if [[ $PHASES == *" render "* && ! -f $WORK/render.done ]]; then
 fi
 
 SD_ARGS=(--vae "$V3/vae" --run-dir "$WORK/runs/sd" --lr "${SC_LR:-1e-3}" --warmup "${SC_WARMUP:-500}"
-         --prediction-type "${SC_PREDICTION:-v_prediction}" "${SD_EXTRA[@]}")
+         --prediction-type "${SC_PREDICTION:-v_prediction}" --name-prob "${SC_NAME_PROB:-0.2}"
+         --name-style-prob "${SC_NAME_STYLE_PROB:-0.2}" "${SD_EXTRA[@]}")
 INIT=${SC_INIT_FROM-}
 [ -n "$INIT" ] || { [ -f "$V3/unet/config.json" ] && INIT=$V3; } || true
 [ "$INIT" != none ] || INIT=

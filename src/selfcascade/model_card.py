@@ -195,7 +195,10 @@ def sd_card_text(state: dict, sampling: dict, parameters: int, steps: int = 50, 
         "| data | the emoji data set's train split (OpenMoji, Twemoji, Noto, Fluent renders at 128 px; captions "
         "`<label>, <tags>, <style> style`)" + zoom + " |",
         f"| objective | {state['prediction_type'].replace('_', '-')} on SD's scaled-linear schedule (1000 steps), min-SNR-"
-        f"{state['min_snr_gamma']:g} weighting, caption dropout {state['caption_dropout']:g} (for guidance) |",
+        f"{state['min_snr_gamma']:g} weighting, caption dropout {state['caption_dropout']:g} (for guidance)"
+        + (f"; caption-form dropout: {state.get('name_prob', 0):.0%} of captions cut to the emoji's name alone, "
+           f"{state.get('name_style_prob', 0):.0%} to name and style"
+           if state.get("name_prob", 0) or state.get("name_style_prob", 0) else "") + " |",
         f"| training | {state['train_steps'] + previous.get('steps', 0):,} steps at batch {state['batch_size']}, AdamW lr "
         f"{_rate(state)}, EMA {state['ema_decay']:g} (exported)"
         + (f"; the last {state['train_steps']:,} continue from the weights of an earlier run of "

@@ -4,7 +4,8 @@ The VAE comes from ``selfcascade train-vae`` (its export folder); images and cap
 (latents through the VAE's posterior mode times its scaling factor, captions exactly as the stock
 pipeline encodes them, ``embedded_sd.encode_prompts``) and held in memory, so a step is one UNet pass.
 Recipe knobs: epsilon or v-prediction, min-SNR-gamma loss weighting (Hang et al. 2023), caption dropout
-for guidance, EMA. Resumable through the shared loop; ``--export`` writes a stock SD folder.
+for guidance, caption-form dropout (some captions cut to the emoji's name, or its name and style: the short
+prompts people type), EMA. Resumable through the shared loop; ``--export`` writes a stock SD folder.
 """
 
 from __future__ import annotations
@@ -38,14 +39,17 @@ logger = logging.getLogger(__name__)
 
 
 class LatentData:
-    """Latents [N, 4, h, w] with caption states [N, L, 384], the empty prompt's states [L, 384], and a pool of
-    zoomed windows (latents [M, 4, h, w], states of their captions with the scale cue; M may be 0)."""
+    """Latents [N, 4, h, w] with caption states [N, L, 384], the empty prompt's states [L, 384], a pool of
+    zoomed windows (latents [M, 4, h, w], states of their captions with the scale cue; M may be 0), and the
+    states of short forms of the N captions (``short_context``: form name -> [N, L, 384]; see ``SHORT_FORMS``)."""
 
     def __init__(self, latents: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor,
-                 zoom_latents: torch.Tensor | None = None, zoom_context: torch.Tensor | None = None) -> None:
+                 zoom_latents: torch.Tensor | None = None, zoom_context: torch.Tensor | None = None,
+                 short_context: dict[str, torch.Tensor] | None = None) -> None:
         self.latents, self.context, self.uncond = latents, context, uncond
         self.zoom_latents = zoom_latents if zoom_latents is not None else latents[:0]
         self.zoom_context = zoom_context if zoom_context is not None else context[:0]
+        self.short_context = short_context or {}
 
     def __len__(self) -> int:
         return len(self.latents)
@@ -55,7 +59,8 @@ class LatentData:
 def encode_images(vae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """uint8 images [N, 3, S, S] -> fp16 latents (the posterior's mode times the VAE's scaling factor)."""
     latents = []
-    for i in range(0, len(images), batch_size):
+    for i in tqdm(range(0, len(images), batch_size), desc="encoding latents", unit="batch", mininterval=5,
+                  disable=len(images) <= batch_size):
         x = images[i:i + batch_size].to(vae.device).float() / 127.5 - 1.0
         latents.append((vae.encode(x).latent_dist.mode() * vae.config.scaling_factor).half().cpu())
     return torch.cat(latents)
@@ -102,6 +107,10 @@ def zoom_windows(cache_dir: Path, records: list[dict], factors: Sequence[int], c
                    [zoom_prompt(r["caption"], factor, ZOOM_CUE) for r in chunk])
 
 
+SHORT_FORMS = ("name", "name_style")
+"""The short prompt forms (``data.emoji.PROMPT_FORMS``) the caption-form dropout trains on."""
+
+
 def diffusion_loss(unet, scheduler, latents: torch.Tensor, context: torch.Tensor, generator: torch.Generator,
                    min_snr_gamma: float = 0.0) -> torch.Tensor:
     """MSE to the scheduler's target (epsilon or v) at uniform timesteps, min-SNR weighted when gamma > 0; latents
@@ -120,11 +129,20 @@ def diffusion_loss(unet, scheduler, latents: torch.Tensor, context: torch.Tensor
     return per_item.mean()
 
 
-def sample_batch(data: LatentData, batch_size: int, zoom_prob: float,
-                 g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(latents, caption states) of a batch: whole images, and zoomed windows with probability ``zoom_prob``."""
+def sample_batch(data: LatentData, batch_size: int, zoom_prob: float, g: torch.Generator,
+                 short_probs: dict[str, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents, caption states) of a batch: whole images, and zoomed windows with probability ``zoom_prob``. A whole
+    image's caption is cut to short form F with probability ``short_probs[F]`` (the caption-form dropout), so the
+    model learns the short prompts people type as well as the full captions it was trained on."""
     idx = torch.randint(0, len(data), (batch_size,), generator=g)
     latents, context = data.latents[idx], data.context[idx]
+    short = {form: p for form, p in (short_probs or {}).items() if p > 0}
+    if short:
+        u, start = torch.rand(batch_size, generator=g), 0.0
+        for form, p in short.items():
+            pick = (u >= start) & (u < start + p)
+            context = torch.where(pick[:, None, None], data.short_context[form][idx], context)
+            start += p
     if zoom_prob > 0 and len(data.zoom_latents):
         zoom = torch.rand(batch_size, generator=g) < zoom_prob
         zidx = torch.randint(0, len(data.zoom_latents), (batch_size,), generator=g)
@@ -145,28 +163,36 @@ def _settings(args: argparse.Namespace, unet_config: dict) -> dict:
             "ema_decay": args.ema_decay, "caption_dropout": args.caption_dropout, "prediction_type": args.prediction_type,
             "min_snr_gamma": args.min_snr_gamma, "seed": args.seed, "max_length": args.max_length,
             "zoom_prob": args.zoom_prob, "zoom_factors": list(args.zoom_factors), "zoom_count": args.zoom_count,
+            "name_prob": args.name_prob, "name_style_prob": args.name_style_prob,
             "unet_config": unet_config, "vae": str(args.vae)}
 
 
+def _short_probs(settings: dict) -> dict[str, float]:
+    return {"name": settings.get("name_prob", 0.0), "name_style": settings.get("name_style_prob", 0.0)}
+
+
 def _default_data(args: argparse.Namespace, vae) -> LatentData:
-    """The train split at 128 px and its zoomed windows, encoded once and cached beside the run
-    (``latents.safetensors``; re-encoded when the zoom settings it was made with differ)."""
-    from .data.emoji import default_cache_dir, read_manifest
+    """The train split at 128 px with its captions' short forms, and its zoomed windows, encoded once and cached
+    beside the run (``latents.safetensors``; re-encoded when the settings it was made with differ)."""
+    from .data.emoji import PROMPT_FORMS, default_cache_dir, read_manifest
     from .data.loader import load_images
 
     cache = Path(args.run_dir) / "latents.safetensors"
     made_with = {"zoom_factors": json.dumps(args.zoom_factors), "zoom_count": str(args.zoom_count),
-                 "max_length": str(args.max_length), "vae": str(args.vae)}
+                 "max_length": str(args.max_length), "vae": str(args.vae), "short_forms": ",".join(SHORT_FORMS)}
     if cache.exists():
         with safe_open(str(cache), "pt") as f:
             if f.metadata() == made_with:
                 t = {k: f.get_tensor(k) for k in f.keys()}
-                return LatentData(t["latents"], t["context"], t["uncond"], t["zoom_latents"], t["zoom_context"])
+                return LatentData(t["latents"], t["context"], t["uncond"], t["zoom_latents"], t["zoom_context"],
+                                  {form: t[f"short_{form}"] for form in SHORT_FORMS})
         logger.info("%s was made with other data settings: encoding again", cache)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     records = [r for r in read_manifest(cache_dir) if r["split"] == "train"]
     data = encode_dataset(vae, load_images(cache_dir, records, BASE_SIZE, "train"), [r["caption"] for r in records],
                           args.max_length)
+    data.short_context = {form: encode_captions([PROMPT_FORMS[form](r) for r in records], args.max_length,
+                                                vae.device)[0] for form in SHORT_FORMS}
     windows, captions = [], []
     for images, texts in zoom_windows(cache_dir, records, args.zoom_factors, args.zoom_count, args.seed):
         windows.append(encode_images(vae, images))
@@ -177,7 +203,9 @@ def _default_data(args: argparse.Namespace, vae) -> LatentData:
     cache.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(cache) as tmp:
         save_file({"latents": data.latents, "context": data.context, "uncond": data.uncond.contiguous(),
-                   "zoom_latents": data.zoom_latents, "zoom_context": data.zoom_context}, str(tmp), metadata=made_with)
+                   "zoom_latents": data.zoom_latents, "zoom_context": data.zoom_context,
+                   **{f"short_{form}": states for form, states in data.short_context.items()}},
+                  str(tmp), metadata=made_with)
     return data
 
 
@@ -187,6 +215,10 @@ def train(args: argparse.Namespace, data: LatentData | None = None) -> dict:
     from accelerate import Accelerator
     from diffusers import AutoencoderKL
 
+    probs = (args.name_prob, args.name_style_prob)
+    if min(probs) < 0 or sum(probs) > 1:
+        raise ValueError(f"--name-prob {args.name_prob} and --name-style-prob {args.name_style_prob}: each is a share "
+                         "of the captions, so give values of 0 or more that add up to at most 1.")
     deadline = deadline_after(args.max_minutes)
     accelerator = Accelerator(cpu=args.cpu)
     if accelerator.device.type == "cpu":
@@ -201,6 +233,10 @@ def train(args: argparse.Namespace, data: LatentData | None = None) -> dict:
     state["args"], state["hardware"] = settings, hardware(accelerator)
     vae = AutoencoderKL.from_pretrained(args.vae).to(device).eval()
     data = data or _default_data(args, vae)
+    missing = [form for form, p in _short_probs(settings).items() if p > 0 and form not in data.short_context]
+    if missing:
+        raise ValueError(f"the training data holds no states of the short caption form(s) {', '.join(missing)}; "
+                         "encode them into LatentData.short_context or set their probability to 0.")
     torch.manual_seed(args.seed)
     unet = build_sd_unet(config)
     if ckpt is not None:
@@ -215,7 +251,7 @@ def train(args: argparse.Namespace, data: LatentData | None = None) -> dict:
                 sum(p.numel() for p in unet.parameters()), len(data), args.batch_size, state["hardware"])
 
     def loss_fn(step: int, g: torch.Generator) -> torch.Tensor:
-        latents, context = sample_batch(data, args.batch_size, args.zoom_prob, g)
+        latents, context = sample_batch(data, args.batch_size, args.zoom_prob, g, _short_probs(settings))
         context = drop_captions(context, data.uncond, args.caption_dropout, g)
         return diffusion_loss(unet, scheduler, latents.float().to(device), context.float().to(device), g,
                               args.min_snr_gamma)
@@ -317,6 +353,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zoom-factors", type=int, nargs="+", default=[2, 4],
                         help="zooms of the windows: 128 px crops of the 256 / 512 px renders (`data build --sizes`)")
     parser.add_argument("--zoom-count", type=int, default=3000, help="zoomed windows per factor (one per image)")
+    parser.add_argument("--name-prob", type=float, default=0.0,
+                        help="share of whole-image captions cut to the emoji's name alone ('red apple')")
+    parser.add_argument("--name-style-prob", type=float, default=0.0,
+                        help="share cut to the name and style ('red apple, fluent style')")
     parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="caption tokens")
     parser.add_argument("--unet-config", default=None, help="json overrides of the SD 1.5-layout UNet config")
     parser.add_argument("--seed", type=int, default=0)

@@ -24,7 +24,7 @@ import re
 import subprocess
 import tarfile
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from multiprocessing import Pool
 from pathlib import Path
@@ -157,6 +157,15 @@ def make_caption(label: str, tags: Sequence[str], source: str) -> str:
     label_words = set(slug(label).split("-"))
     extra = [t for t in tags if t and slug(t) not in label_words][:_TAGS_PER_CAPTION]
     return ", ".join([label, *extra, STYLES[source]])
+
+
+PROMPT_FORMS: dict[str, Callable[[Mapping[str, str]], str]] = {
+    "caption": lambda r: r["caption"],
+    "name": lambda r: r["label"],
+    "name_style": lambda r: f"{r['label']}, {r['style']}",
+}
+"""Ways to prompt for a manifest record: its training caption, the emoji's name alone ("red apple", as people
+type), and the name with the style ("red apple, noto style")."""
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -2,6 +2,7 @@
 # Here, after the GPU call (DEVELOPERS.md): check what came back and put it into the package.
 #   scripts/device/fetch.sh FILES_DIR     # FILES_DIR: the run reply's files_at (the call's $OUT files)
 # v3.tar.* -> src/selfcascade/embedded_v3/{unet,scheduler,selfcascade.json,train_state.json}
+# video.tar.* -> src/selfcascade/embedded_v3/video/{unet,scheduler,train_state.json} (its selfcascade.json stays)
 # bank-256.tar, bank-512.tar -> src/selfcascade/embedded_v3/banks/bank-256, bank-512
 # log.txt, the banks' validation grids and run states -> runs/device-<time>/ (git-ignored), for the record.
 # Whatever is missing (a call cut short) is skipped; every part is checked against SHA256SUMS first.
@@ -44,6 +45,14 @@ if ls "$FROM"/v3.tar.[0-9]* >/dev/null 2>&1; then
     fi
 else
     echo "no v3.tar parts in $FROM: the UNet was not returned" >&2
+fi
+if ls "$FROM"/video.tar.[0-9]* >/dev/null 2>&1; then
+    cat "$FROM"/video.tar.[0-9]* > "$TMP/video.tar"
+    if verified video.tar; then
+        mkdir "$TMP/video" && tar -C "$TMP/video" -xf "$TMP/video.tar"
+        for part in unet scheduler train_state.json; do replace "$TMP/video/$part" "$V3/video/$part"; done
+        echo "video sibling: $(steps "$V3/video/train_state.json") -> $V3/video"
+    fi
 fi
 for size in 256 512; do
     tar_file=bank-$size.tar

@@ -9,11 +9,14 @@
 #   setup    wheels into SC_SITE, MiniLM back to fp32 in the work folder, the emoji tarballs into its data cache
 #   check    imports, the GPU, where MiniLM loads from (stops here on a machine with no GPU unless SC_TINY=1)
 #   render   `selfcascade data build` at 128/256/512 px on every core, offline from the tarballs
-#   train    `selfcascade train-sd` for the time left after the banks' share (--max-minutes), then --ship
+#   train    `selfcascade train-sd` for the time left after the video's and banks' shares (--max-minutes), then --ship
+#   video    (only when asked for) 3,000 motion clips at 128/256 px on every core, then `train-sd-video` inflating
+#            the UNet in the tree (the one just trained) for the rest of its share, then --ship
 #   bank256  `train-upsamplers --model embedded --scale 4 --size 256`
 #   bank512  the same at 512 px, --init-from the 256 bank
 # Each result goes to $OUT as soon as it exists: v3.tar.000, v3.tar.001 (unet/, scheduler/, selfcascade.json,
-# train_state.json, split under the 16 MiB a returned file may have), bank-256.tar, bank-512.tar (the bank, its
+# train_state.json, split under the 16 MiB a returned file may have), video.tar.NNN (the sibling's unet/,
+# scheduler/, train_state.json), bank-256.tar, bank-512.tar (the bank, its
 # last validation grid and its run state), SHA256SUMS, and log.txt (everything printed). The work folder
 # (.gpu-run/work, never carried) stays on a warm machine: a second call skips what is done and resumes training.
 #
@@ -21,7 +24,10 @@
 # SC_LR (1e-3), SC_WARMUP (500), SC_PREDICTION (v_prediction), SC_NAME_PROB and SC_NAME_STYLE_PROB (0.2 each: the caption-form
 # dropout), SC_MIXED_PRECISION (no; bf16 for train-sd), SC_INIT_FROM (a v3 folder to continue,
 # or none; default: src/selfcascade/embedded_v3 if it holds a UNet), SC_BANK_MINUTES (1.0 per bank, loading included),
-# SC_BANK_STEPS (3000), SC_BANK_BATCH (16), SC_BANK_IMAGES (4000 train renders), SC_WORKERS (all cores).
+# SC_BANK_STEPS (3000), SC_BANK_BATCH (16), SC_BANK_IMAGES (4000 train renders), SC_WORKERS (all cores); for the
+# video phase (SC_PHASES="render train video bank256 bank512"): SC_VIDEO_MINUTES (2.5, clips included),
+# SC_VIDEO_CLIPS (3000), SC_VIDEO_BATCH (64 clips of 8 frames), SC_VIDEO_LR (3e-4: the CPU run's 1e-4 at batch 8,
+# scaled by the square root of the batch).
 # Dry run on a CPU: scripts/device/dryrun.sh (SC_TINY=1: a few SVGs, a few steps, OUT and SC_SITE in a temp folder).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -36,6 +42,7 @@ PHASES=" ${SC_PHASES:-render train bank256 bank512} "
 DEADLINE_S=${SC_DEADLINE_S:-560}
 SAVE_S=${SC_SAVE_S:-20}                   # per command: interpreter start, final checkpoint, shipping, packing
 BANK_S=$(awk "BEGIN { print int(60 * ${SC_BANK_MINUTES:-1.0}) }")
+VIDEO_S=$(awk "BEGIN { print int(60 * ${SC_VIDEO_MINUTES:-2.5}) }")
 V3=src/selfcascade/embedded_v3
 mkdir -p "$OUT" "$WORK"
 exec > >(tee -a "$OUT/log.txt") 2>&1
@@ -55,12 +62,17 @@ if [ "$TINY" = 1 ]; then
     BANK_EXTRA=(--batch-size 1 --max-steps 2 --validate-every 2 --validation-steps 2 --threads 1
                 --validation-prompts "red apple, noto style")
     BANK_IMAGES=8
+    VIDEO_EXTRA=(--batch-size 2 --max-steps 2 --checkpoint-every 1 --log-every 1 --threads 1)
+    VIDEO_CLIPS=6
 else
     BUILD_EXTRA=()
     SD_EXTRA=(--batch-size "${SC_BATCH:-512}" --max-steps 1000000 --checkpoint-every 1000 --log-every 50)
     BANK_EXTRA=(--batch-size "${SC_BANK_BATCH:-16}" --max-steps "${SC_BANK_STEPS:-3000}" --validate-every 1000
                 --checkpoint-every 1000 --cache-gb 16 --log-every 25)
     BANK_IMAGES=${SC_BANK_IMAGES:-4000}
+    VIDEO_EXTRA=(--batch-size "${SC_VIDEO_BATCH:-64}" --lr "${SC_VIDEO_LR:-3e-4}" --max-steps 1000000
+                 --checkpoint-every 500 --log-every 25)
+    VIDEO_CLIPS=${SC_VIDEO_CLIPS:-3000}
 fi
 
 say "setup: wheels into $SITE, MiniLM into $WORK/minilm, tarballs into $WORK/cache/packages"
@@ -103,7 +115,8 @@ INIT=${SC_INIT_FROM-}
 SHIPPED=0
 if [[ $PHASES == *" train "* ]]; then
     BANKS=$(( $( [[ $PHASES == *" bank256 "* ]] && echo 1 || echo 0) + $( [[ $PHASES == *" bank512 "* ]] && echo 1 || echo 0) ))
-    TRAIN_S=$(( $(left) - BANKS * (BANK_S + SAVE_S) - SAVE_S ))
+    VIDEO=$( [[ $PHASES == *" video "* ]] && echo 1 || echo 0)
+    TRAIN_S=$(( $(left) - BANKS * (BANK_S + SAVE_S) - VIDEO * (VIDEO_S + SAVE_S) - SAVE_S ))
     [ "$TRAIN_S" -ge 60 ] || TRAIN_S=60
     say "train-sd for $(minutes "$TRAIN_S") min (data encoding included), init: ${INIT:-none}, then ship"
     if ACCELERATE_MIXED_PRECISION=${SC_MIXED_PRECISION:-no} timeout $((TRAIN_S + 120)) \
@@ -127,6 +140,30 @@ if [ "$SHIPPED" = 1 ]; then
 elif [ ! -f "$V3/unet/config.json" ]; then
     say "no UNet shipped and none in the tree: no banks to tune"
     exit 1
+fi
+
+if [[ $PHASES == *" video "* ]]; then
+    VSTART=$(date +%s)
+    say "video: $VIDEO_CLIPS clips at 128/256 px, then train-sd-video from $V3 for the rest of $(minutes "$VIDEO_S") min"
+    if timeout "$VIDEO_S" "$PY" -m selfcascade data clips --sizes 128 256 --count "$VIDEO_CLIPS" \
+            --workers "${SC_WORKERS:-$(nproc)}"; then
+        VTRAIN_S=$(( VIDEO_S - ($(date +%s) - VSTART) ))
+        [ "$VTRAIN_S" -ge 30 ] || VTRAIN_S=30
+        if ACCELERATE_MIXED_PRECISION=${SC_MIXED_PRECISION:-no} timeout $((VTRAIN_S + 120)) \
+                "$PY" -m selfcascade train-sd-video --init-from "$V3" --run-dir "$WORK/runs/sd-video" \
+                --max-minutes "$(minutes "$VTRAIN_S")" --ship "${VIDEO_EXTRA[@]}"; then
+            cat "$V3/video/train_state.json"
+            tar -C "$V3/video" -cf "$WORK/video.tar" unet scheduler train_state.json
+            rm -f "$OUT"/video.tar.*
+            split -b 15M -d -a 3 "$WORK/video.tar" "$OUT/video.tar."
+            checksum "$WORK/video.tar"
+            say "video UNet in \$OUT: $(ls "$OUT" | grep -c '^video.tar.') parts"
+        else
+            say "train-sd-video failed"
+        fi
+    else
+        say "motion clips failed"
+    fi
 fi
 
 # the banks tune on a seeded subset of the train renders (all 12.8k at 512 px would take a minute to load)

@@ -55,6 +55,7 @@ def register_cli(subparsers: "argparse._SubParsersAction") -> None:
     clips.add_argument("--motions", nargs="+", choices=list(emoji_clips.MOTIONS), default=list(emoji_clips.MOTIONS),
                        help="used in turn")
     clips.add_argument("--seed", type=int, default=0, help="picks the emoji order and every motion's parameters")
+    clips.add_argument("--workers", type=int, default=1, help="processes rendering clips (same files for any count)")
     clips.set_defaults(func=_cmd_clips)
 
 
@@ -66,7 +67,8 @@ def _cmd_build(args: argparse.Namespace) -> None:
 
 def _cmd_clips(args: argparse.Namespace) -> None:
     emoji_clips.build_clips(args.cache_dir, sizes=args.sizes, frames=args.frames, count=args.count,
-                            split=args.split, motions=args.motions, seed=args.seed)
+                            split=args.split, motions=args.motions, seed=args.seed,
+                            workers=args.workers)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -26,6 +26,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
@@ -169,12 +170,40 @@ def _done(json_path: Path, frames: int, rendered_at: int) -> bool:
     return meta.get("frames") == frames and meta.get("rendered_at") == rendered_at
 
 
+def _make_clip(task: tuple) -> bool:
+    """Render one planned clip at the sizes it lacks (a pool task); True if anything was rendered."""
+    cache_dir, record, motion_name, clip_seed, cid, sizes, frames, split = task
+    cache_dir, largest = Path(cache_dir), sizes[-1]
+    todo = [s for s in sizes if not _done(clips_dir(cache_dir, s, split) / f"{cid}.json", frames, largest)]
+    if not todo:
+        return False
+    motion = make_motion(record["id"], motion_name, clip_seed, frames, largest)
+    with Image.open(image_path(cache_dir, largest, record["id"])) as emoji:
+        clips = render_clip(emoji, motion, sizes)
+    caption = f"{record['caption']}, {motion.words}"
+    meta = {"id": cid, "emoji_id": record["id"], "motion": motion_name, "seed": clip_seed, "split": split,
+            "caption": caption, "frames": frames, "emoji_scale": motion.emoji_scale, "rendered_at": largest,
+            "theta": motion.theta.round(8).tolist(),
+            "convention": "theta[t] maps frame-t coords to canvas coords (torch affine_grid, normalised, "
+                          "align_corners=False)"}
+    for size in todo:
+        folder = clips_dir(cache_dir, size, split)
+        save_video(clips[size], folder / cid)
+        with atomic_path(folder / f"{cid}.txt") as tmp:
+            tmp.write_text(caption + "\n", encoding="utf-8")
+        with atomic_path(folder / f"{cid}.json") as tmp:  # last: marks the clip complete
+            tmp.write_text(json.dumps({**meta, "size": size}, indent=1) + "\n", encoding="utf-8")
+    return True
+
+
 def build_clips(cache_dir: Path | str | None = None, sizes: Sequence[int] = DEFAULT_SIZES, frames: int = DEFAULT_FRAMES,
-                count: int = 300, split: str = "train", motions: Sequence[str] = MOTIONS, seed: int = 0) -> list[str]:
+                count: int = 300, split: str = "train", motions: Sequence[str] = MOTIONS, seed: int = 0,
+                workers: int = 1) -> list[str]:
     """Render ``count`` clips of ``split``'s emoji at every size; returns their ids.
 
     Clip i shows emoji i of a seeded order of the split (wrapping round with the next clip seed) with
-    motion i of ``motions``. Idempotent: clips already complete at a size are not rendered again.
+    motion i of ``motions``. Idempotent: clips already complete at a size are not rendered again. ``workers`` > 1
+    renders on that many processes (one torch thread each); the files are the same either way.
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     sizes = sorted({int(s) for s in sizes})
@@ -196,29 +225,20 @@ def build_clips(cache_dir: Path | str | None = None, sizes: Sequence[int] = DEFA
     if missing:
         raise FileNotFoundError(f"{len(missing)} emoji are not rendered at {largest} px (e.g. {missing[0]}); run "
                                 f"`selfcascade data build --sizes {largest}` first.")
+    tasks = [(str(cache_dir), record, motion_name, clip_seed, cid, tuple(sizes), frames, split)
+             for record, motion_name, clip_seed, cid in plan]
+    bar = tqdm(total=len(tasks), desc=f"{split} clips at {','.join(map(str, sizes))} px", unit="clip", mininterval=2)
     made = 0
-    for record, motion_name, clip_seed, cid in tqdm(plan, desc=f"{split} clips at {','.join(map(str, sizes))} px",
-                                                    unit="clip", mininterval=2):
-        todo = [s for s in sizes if not _done(clips_dir(cache_dir, s, split) / f"{cid}.json", frames, largest)]
-        if not todo:
-            continue
-        motion = make_motion(record["id"], motion_name, clip_seed, frames, largest)
-        with Image.open(image_path(cache_dir, largest, record["id"])) as emoji:
-            clips = render_clip(emoji, motion, sizes)
-        caption = f"{record['caption']}, {motion.words}"
-        meta = {"id": cid, "emoji_id": record["id"], "motion": motion_name, "seed": clip_seed, "split": split,
-                "caption": caption, "frames": frames, "emoji_scale": motion.emoji_scale, "rendered_at": largest,
-                "theta": motion.theta.round(8).tolist(),
-                "convention": "theta[t] maps frame-t coords to canvas coords (torch affine_grid, normalised, "
-                              "align_corners=False)"}
-        for size in todo:
-            folder = clips_dir(cache_dir, size, split)
-            save_video(clips[size], folder / cid)
-            with atomic_path(folder / f"{cid}.txt") as tmp:
-                tmp.write_text(caption + "\n", encoding="utf-8")
-            with atomic_path(folder / f"{cid}.json") as tmp:  # last: marks the clip complete
-                tmp.write_text(json.dumps({**meta, "size": size}, indent=1) + "\n", encoding="utf-8")
-        made += 1
+    if workers > 1 and len(tasks) > 1:
+        with Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            for rendered in pool.imap_unordered(_make_clip, tasks, chunksize=8):
+                made += rendered
+                bar.update()
+    else:
+        for task in tasks:
+            made += _make_clip(task)
+            bar.update()
+    bar.close()
     logger.info("%d %s clips under %s (%d rendered now, %d already there)", len(plan), split,
                 Path(cache_dir) / CLIPS_DIR, made, len(plan) - made)
     return [cid for *_, cid in plan]

@@ -224,7 +224,8 @@ def test_init_from_continues_shipped_weights_and_counts_their_steps(tmp_path: Pa
     train_sd.train(_args(first, vae_dir, "--max-steps", "3"), data)
     shipped = train_sd.ship_run(first, tmp_path / "shipped")
     state = train_sd.train(_args(tmp_path / "second", vae_dir, "--max-steps", "0", "--init-from", str(shipped)), data)
-    assert state["init_from"] == {"path": str(shipped), "steps": 3, "prediction_type": "epsilon",
+    assert state["init_from"] == {"path": str(shipped), "steps": 3, "prediction_type": "epsilon", "batch_size": 4,
+                                  "hardware": "CPU, 1 threads, 1 process(es)",
                                   "seconds": pytest.approx(state["init_from"]["seconds"])}
     shipped_unet = load_file(str(shipped / "unet" / "diffusion_pytorch_model.safetensors"))
     started = load_file(str(tmp_path / "second" / "checkpoint" / "model.safetensors"))
@@ -236,7 +237,8 @@ def test_init_from_continues_shipped_weights_and_counts_their_steps(tmp_path: Pa
     summary = json.loads((again / "train_state.json").read_text())
     assert summary["init_from"]["steps"] == 3 and summary["prediction_type"] == "v_prediction"
     card = sd_card_text(summary, {}, parameters=1)
-    assert "4 steps at batch 4" in card and "earlier run of 3 steps" in card and "epsilon prediction)" in card
+    assert "4 steps in all: the last 1 at batch 4" in card and "earlier run of 3 steps at batch 4 (" in card
+    assert "on CPU" in card and "epsilon prediction)" in card
     with pytest.raises(ValueError, match="another UNet layout"):
         train_sd.train(_args(tmp_path / "third", vae_dir, "--max-steps", "0", "--init-from", str(shipped),
                              "--unet-config", json.dumps({**TINY_UNET, "block_out_channels": [16, 16, 16, 32]})), data)

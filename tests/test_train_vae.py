@@ -84,7 +84,9 @@ def test_export_is_a_diffusers_folder_with_standardised_latents(tmp_path: Path) 
     assert vae.config.scaling_factor == 1.0
     assert mean.abs().max() < 0.3 and (std - 1).abs().max() < 0.3
     assert json.loads((tmp_path / "vae" / "train_state.json").read_text())["train_steps"] == 3
-    assert prior_training(tmp_path / "vae") == {"path": str(tmp_path / "vae"), "steps": 3, "seconds": 0}
+    summary = json.loads((tmp_path / "vae" / "train_state.json").read_text())
+    assert prior_training(tmp_path / "vae") == {"path": str(tmp_path / "vae"), "steps": 3, "seconds": 0,
+                                                "batch_size": summary["batch_size"], "hardware": summary["hardware"]}
 
 
 def test_crop_larger_than_images_is_refused() -> None:

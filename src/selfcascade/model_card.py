@@ -168,6 +168,21 @@ def _sampling(sampling: dict) -> str:
             f"{sampling.get('guidance_scale', 7.5):g}")
 
 
+def _training(state: dict, previous: dict) -> str:
+    """Steps, batch and optimiser of a run, and of the earlier run whose weights it continued (``init_from``)."""
+    optimiser = f"AdamW lr {_rate(state)}, EMA {state['ema_decay']:g} (exported)"
+    if not previous:
+        return f"{state['train_steps']:,} steps at batch {state['batch_size']}, {optimiser}"
+    details = [f"{previous['seconds'] / 3600:.1f} h"
+               + (f" on {previous['hardware']}" if previous.get("hardware") else "")]
+    if previous.get("prediction_type", state["prediction_type"]) != state["prediction_type"]:
+        details.append(f"{previous['prediction_type']} prediction")
+    return (f"{state['train_steps'] + previous['steps']:,} steps in all: the last {state['train_steps']:,} at batch "
+            f"{state['batch_size']}, {optimiser}, continuing the weights of an earlier run of {previous['steps']:,} "
+            f"steps" + (f" at batch {previous['batch_size']}" if previous.get("batch_size") else "")
+            + f" ({', '.join(details)})")
+
+
 def sd_card_text(state: dict, sampling: dict, parameters: int, steps: int = 50, banks: Sequence[str] = (),
                  measured: str | None = None) -> str:
     """The v3 card: a tiny Stable Diffusion; numbers from the run's ``train_state.json``, measurements (with the
@@ -199,13 +214,7 @@ def sd_card_text(state: dict, sampling: dict, parameters: int, steps: int = 50, 
         + (f"; caption-form dropout: {state.get('name_prob', 0):.0%} of captions cut to the emoji's name alone, "
            f"{state.get('name_style_prob', 0):.0%} to name and style"
            if state.get("name_prob", 0) or state.get("name_style_prob", 0) else "") + " |",
-        f"| training | {state['train_steps'] + previous.get('steps', 0):,} steps at batch {state['batch_size']}, AdamW lr "
-        f"{_rate(state)}, EMA {state['ema_decay']:g} (exported)"
-        + (f"; the last {state['train_steps']:,} continue from the weights of an earlier run of "
-           f"{previous['steps']:,} steps ({previous['seconds'] / 3600:.1f} h"
-           + (f", {previous['prediction_type']} prediction"
-              if previous.get("prediction_type", state["prediction_type"]) != state["prediction_type"] else "")
-           + ")" if previous else "") + " |",
+        f"| training | {_training(state, previous)} |",
         f"| wall time | {(state['train_seconds'] + previous.get('seconds', 0)) / 3600:.1f} h of training in all, the last "
         f"{state['train_seconds'] / 3600:.1f} h on {state.get('hardware', 'unrecorded hardware')} |",
         f"| sampling defaults | {_sampling(sampling)}{refine} (`selfcascade.json`) |",

@@ -127,6 +127,8 @@ def prior_training(folder: Path) -> dict:
              "seconds": summary.get("train_seconds", 0) + previous.get("seconds", 0)}
     if "prediction_type" in summary:  # a continuation may change the objective (the v3 UNet did)
         prior["prediction_type"] = summary["prediction_type"]
+    if not previous:  # one run made these weights: its batch and hardware describe all their steps
+        prior.update({k: summary[k] for k in ("batch_size", "hardware") if k in summary})
     return prior
 
 
